@@ -1,0 +1,128 @@
+"""BAGEL-7B-MoT SGT configs.
+
+Variants (``--config configs/bagel_sgt.py:VARIANT``):
+  7b    BAGEL-7B-MoT with the paper's SGT hyper-parameters (specs/bagel.md §1, specs/sgt_recipe.md §3.1).
+  tiny  a few-M-parameter model of the same shape family, for CPU runs and tests.
+
+Each top-level section belongs to one part of the code base:
+  model -> sgt_jax/models, data -> sgt_jax/data, train/optim -> sgt_jax/train, mesh -> sgt_jax/parallel,
+  checkpoint -> sgt_jax/checkpoint, compile -> sgt_jax/compile.py, generate/understand/segment/evaluate ->
+  sgt_jax/sampling and sgt_jax/eval.
+"""
+
+import ml_collections
+
+VARIANTS = ("7b", "tiny")
+
+
+def _model_7b():
+    m = ml_collections.ConfigDict()
+    m.llm = ml_collections.ConfigDict(
+        dict(
+            hidden_size=3584,
+            num_layers=28,
+            num_heads=28,
+            num_kv_heads=4,
+            head_dim=128,
+            intermediate_size=18944,
+            vocab_size=152064,
+            rope_theta=1_000_000.0,
+            rms_norm_eps=1e-6,
+        )
+    )
+    m.vit = ml_collections.ConfigDict(
+        dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_heads=16,
+            num_layers=26,  # vit_config.json lists 27; BAGEL instantiates 26 (specs/bagel.md §1.4)
+            patch_size=14,
+            max_patches_per_side=70,
+            layer_norm_eps=1e-6,
+        )
+    )
+    m.vae = ml_collections.ConfigDict(
+        dict(
+            in_channels=3,
+            out_channels=3,
+            ch=128,
+            ch_mult=(1, 2, 4, 4),
+            num_res_blocks=2,
+            z_channels=16,
+            num_groups=32,
+            scale_factor=0.3611,
+            shift_factor=0.1159,
+        )
+    )
+    m.latent_patch_size = 2
+    m.max_latent_size = 64
+    m.timestep_freq_dim = 256
+    # Special token ids (Qwen2.5 vocabulary; checked against the tokenizer by sgt_jax/data).
+    m.tokens = ml_collections.ConfigDict(dict(bos=151644, eos=151645, vision_start=151652, vision_end=151653))
+    m.dtype = "bfloat16"  # compute dtype
+    m.param_dtype = "float32"  # master weights
+    m.scan_layers = True
+    m.remat_policy = "full"  # see sgt_jax/models for the list of policies
+    m.attention_impl = "chunked"  # "dense" (tests, small packs) or "chunked" (memory-lean, long packs)
+    m.attention_chunk = 512
+    return m
+
+
+def _model_tiny():
+    m = _model_7b()
+    m.llm.update(
+        dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=128,
+             vocab_size=512, rope_theta=10_000.0)
+    )
+    m.vit.update(dict(hidden_size=32, intermediate_size=64, num_heads=2, num_layers=2))
+    m.vae.update(dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, num_groups=8))
+    m.max_latent_size = 32
+    # The tiny synthetic tokenizer puts its special tokens at fixed ids (sgt_jax/data/tokenizer.py).
+    m.tokens = ml_collections.ConfigDict(dict(bos=1, eos=2, vision_start=3, vision_end=4))
+    m.dtype = "float32"
+    m.remat_policy = "none"
+    m.attention_impl = "dense"
+    m.attention_chunk = 128
+    return m
+
+
+def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown bagel_sgt variant {variant!r}; choose one of {VARIANTS}")
+    c = ml_collections.ConfigDict()
+    c.variant = variant
+    c.model = _model_7b() if variant == "7b" else _model_tiny()
+
+    # ---- data (sgt_jax/data) ----
+    c.data = ml_collections.ConfigDict()
+    c.data.seed = 42
+    c.data.source = "synthetic" if variant == "tiny" else "sam_sgt"
+
+    # ---- train / optim (sgt_jax/train) ----
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 8000 if variant == "7b" else 20
+    c.train.seed = 4396
+    c.train.ce_weight = 1.5
+    c.train.mse_weight = 1.0
+    c.train.timestep_shift = 1.0
+    c.optim = ml_collections.ConfigDict(
+        dict(lr=1e-4, warmup_steps=1000 if variant == "7b" else 2, schedule="constant", min_lr=1e-7,
+             b1=0.9, b2=0.95, eps=1e-15, weight_decay=0.0, clip_norm=1.0)
+    )
+
+    # ---- mesh (sgt_jax/parallel) ----
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.axes = ("data", "fsdp", "tensor")
+    c.mesh.shape = (1, -1, 1)  # -1: fill with the remaining devices
+
+    # ---- checkpoint (sgt_jax/checkpoint) ----
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 1000 if variant == "7b" else 10
+    c.checkpoint.keep = 3
+    c.checkpoint.init_from = ""  # "" (random init), an imported workdir, or a BAGEL PyTorch folder
+
+    # ---- compile (sgt_jax/compile.py) ----
+    c.compile = ml_collections.ConfigDict()
+    c.compile.topology = ""
+
+    return c

@@ -86,6 +86,40 @@ def _model_tiny():
     return m
 
 
+def _data_sources(variant):
+    """Raw data sources (owner: sgt_jax/data/sources). ``kind`` picks the reader; unused fields are ignored.
+
+    seg.kind: synthetic | sam_sgt (list file + sam_selection/ + sam_mask/) | sam_sgt_tar (tar shards) |
+              sa1b (jpg + json with RLEs) | coco_panoptic | prepared (ArrayRecord shards from --mode prepare)
+    vqa.kind: synthetic | llava (JSON array or JSONL) | prepared | none
+    Paths are absolute, or relative to ``root``.
+    """
+    s = ml_collections.ConfigDict()
+    s.seg = ml_collections.ConfigDict(dict(
+        kind="synthetic" if variant == "tiny" else "sam_sgt",
+        root="" if variant == "tiny" else "data/SAM-SGT",
+        list_file="" if variant == "tiny" else "file_names/sam_190k_new.txt",  # sam_sgt
+        annotations="",  # coco_panoptic: panoptic_*.json
+        image_dir="",  # coco_panoptic: train2017/
+        mask_dir="",  # coco_panoptic: panoptic_train2017/
+        max_samples=0 if variant == "tiny" else 190_000,  # 0 = all; else a seeded random subset
+    ))
+    s.vqa = ml_collections.ConfigDict(dict(
+        kind="synthetic" if variant == "tiny" else "llava",
+        root="" if variant == "tiny" else "data/LLaVA-OneVision-SGT/llava_onevision_balanced_500k",
+        annotations="" if variant == "tiny" else "annotations/all_data.json",
+        image_root="" if variant == "tiny" else "images",
+        max_samples=0,
+    ))
+    # The built-in shapes world (sgt_jax/data/synthetic.py): deterministic from (seed, index).
+    s.synthetic = ml_collections.ConfigDict(dict(
+        seed=0, num_samples=512, sizes=((64, 64), (64, 96), (96, 64)), min_shapes=1, max_shapes=4,
+        qa_per_sample=3,
+    ))
+    s.records_per_shard = 2048  # --mode prepare: ArrayRecord records per shard
+    return s
+
+
 def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
         raise ValueError(f"unknown bagel_sgt variant {variant!r}; choose one of {VARIANTS}")
@@ -97,6 +131,10 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.seed = 42
     c.data.source = "synthetic" if variant == "tiny" else "sam_sgt"
+    # -- data.sources / data.proxy_task (sgt_jax/data/sources, docs/data_sources.md) --
+    # proxy task of the segmentation-family samples: segmentation | reconstruction | edge | inpainting
+    c.data.proxy_task = "segmentation"
+    c.data.sources = _data_sources(variant)
 
     # ---- train / optim (sgt_jax/train) ----
     c.train = ml_collections.ConfigDict()

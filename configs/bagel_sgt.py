@@ -120,6 +120,37 @@ def _data_sources(variant):
     return s
 
 
+def _data_pipeline(c, variant):
+    """Transforms, plans, packing and mixing (owner: sgt_jax/data pipeline; docs/data_pipeline.md)."""
+    tiny = variant == "tiny"
+    d = c.data
+    # "synthetic": the tiny word-level tokenizer built locally; else a folder with tokenizer.json or
+    # vocab.json + merges.txt ("" = config.checkpoint.init_from, a BAGEL checkpoint folder).
+    d.tokenizer = "synthetic" if tiny else ""
+    d.packs_per_batch = 2 if tiny else 8  # GLOBAL packs per step (each process makes packs_per_batch // processes)
+    # Static budgets per pack: U und tokens (text, markers, ViT), Z gen (latent) tokens, P ViT patches,
+    # L CE labels, NI VAE image slots. 7b: 16k tokens per pack per chip (the paper's expected_num_tokens).
+    d.pack = ml_collections.ConfigDict(
+        dict(und_tokens=256, gen_tokens=256, vit_patches=128, ce_labels=64, vae_images=4) if tiny else
+        dict(und_tokens=8192, gen_tokens=8192, vit_patches=6144, ce_labels=4096, vae_images=8)
+    )
+    # Explicit seg:VQA quota per global batch. mode "samples": every batch holds exactly seg:vqa samples in
+    # that ratio (whole groups of seg+vqa samples); "tokens": the ratio of their tokens, greedily tracked.
+    d.quota = ml_collections.ConfigDict(dict(mode="samples", seg=2, vqa=1))
+    d.text_cond_dropout = 0.1  # SGT plan: the instruction split is dropped with this p (no RoPE advance)
+    # ImageTransform (max, min, stride); vlm_max_pixels is shared by the images of one VQA sample.
+    d.transforms = ml_collections.ConfigDict(
+        dict(sgt_vit=(56, 56, 14), vae=(32, 16, 4), vlm_vit=(56, 28, 14), vlm_max_pixels=56 * 56) if tiny else
+        dict(sgt_vit=(224, 224, 14), vae=(1024, 512, 16), vlm_vit=(980, 378, 14), vlm_max_pixels=2_007_040)
+    )
+    d.workers = 0 if tiny else 8  # Grain worker processes for decode+transform+plan (0 = in-process)
+    d.worker_buffer = 2  # elements prefetched per worker
+    # "online": batches carry vae_images (+ latent_rc), the frozen VAE encodes them in the step;
+    # "cached": batches carry latent_mean/latent_logvar read from d.latent_cache (built by --mode prepare).
+    d.latents = "online" if tiny else "cached"
+    d.latent_cache = ""  # folder of the latent-statistics ArrayRecord shards (cached mode)
+
+
 def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     if variant not in VARIANTS:
         raise ValueError(f"unknown bagel_sgt variant {variant!r}; choose one of {VARIANTS}")
@@ -135,6 +166,7 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     # proxy task of the segmentation-family samples: segmentation | reconstruction | edge | inpainting
     c.data.proxy_task = "segmentation"
     c.data.sources = _data_sources(variant)
+    _data_pipeline(c, variant)  # -- data pipeline keys (sgt_jax/data pipeline, docs/data_pipeline.md) --
 
     # ---- train / optim (sgt_jax/train) ----
     c.train = ml_collections.ConfigDict()

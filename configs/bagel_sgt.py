@@ -62,9 +62,10 @@ def _model_7b():
     m.dtype = "bfloat16"  # compute dtype
     m.param_dtype = "float32"  # master weights
     m.scan_layers = True
-    m.remat_policy = "full"  # see sgt_jax/models for the list of policies
+    m.remat_policy = "full"  # none | full | dots | dots_no_batch | qkv_out (sgt_jax/models/remat.py)
     m.attention_impl = "chunked"  # "dense" (tests, small packs) or "chunked" (memory-lean, long packs)
-    m.attention_chunk = 512
+    m.attention_chunk = 512  # query/key block size of the "chunked" attention
+    m.freeze_und = False  # True: stop gradients at the und expert (reference freeze_und, specs/bagel.md §1.3)
     return m
 
 

@@ -1,0 +1,176 @@
+"""BAGEL packed attention: the mask rule computed from per-token metadata, GQA, two implementations.
+
+The rule (specs/bagel.md §2.4, docs/interfaces.md §1) for a query q and key k, both real:
+``doc[q]==doc[k]`` and (``order[k] <= order[q]`` or (``split[q]==split[k]`` and ``mode[q]`` is full or
+noise)) and not (``mode[k]`` is noise and ``split[k] != split[q]``). Pad tokens have ``doc == -1``;
+nothing attends to them and they attend to nothing (their output is exactly 0, finite).
+
+Why metadata and not a mask tensor: tokens are physically reordered by expert (und first, gen last)
+and keys may come from a KV cache, so the rule must be evaluated from the tokens' own (doc, split,
+mode, order), never from physical positions. Query and key metadata are separate for that reason.
+
+Implementations (``model.attention_impl``):
+- ``"dense"``: full ``[Tq, Tk]`` scores; simple, used by tests, small packs and the attention-analysis
+  code (it can return the probabilities).
+- ``"chunked"``: online softmax (flash-attention recurrence) over key blocks with ``lax.scan`` inside
+  a ``lax.map`` over query blocks. The mask is computed per (query block, key block) from metadata, so
+  no ``[T, T]`` array exists; the per-block body is rematerialised, so the backward pass stores only
+  the running (max, sum, accumulator) per key block. Blocks that are fully masked are still computed
+  (no data-dependent skipping): cost is O(T²) FLOPs, memory O(T·chunk).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+CAUSAL, FULL, NOISE = 0, 1, 2
+IMPLS = ("dense", "chunked")
+_NEG = -1e30  # finite "minus infinity": fully masked rows never produce NaN
+
+
+class TokenMeta(NamedTuple):
+    """Per-token attention metadata, each int32 ``[B, T]`` (docs/interfaces.md §1)."""
+
+    doc: jax.Array
+    split: jax.Array
+    mode: jax.Array
+    order: jax.Array
+
+    @classmethod
+    def from_batch(cls, batch) -> "TokenMeta":
+        return cls(batch["doc"], batch["split"], batch["mode"], batch["order"])
+
+    def slice(self, start: int, stop: int) -> "TokenMeta":
+        return TokenMeta(*(a[:, start:stop] for a in self))
+
+    def concat(self, other: "TokenMeta") -> "TokenMeta":
+        return TokenMeta(*(jnp.concatenate([a, b], axis=1) for a, b in zip(self, other)))
+
+    def pad(self, n: int) -> "TokenMeta":
+        """Append ``n`` pad tokens (doc = split = -1)."""
+        if n == 0:
+            return self
+        b = self.doc.shape[0]
+        fill = jnp.full((b, n), -1, self.doc.dtype)
+        zero = jnp.zeros((b, n), self.doc.dtype)
+        return TokenMeta(*(jnp.concatenate([a, f], axis=1) for a, f in zip(self, (fill, fill, zero, zero))))
+
+
+def allowed(q: TokenMeta, k: TokenMeta) -> jax.Array:
+    """Boolean ``[B, Tq, Tk]``: may query i attend to key j (the §2.4 rule)."""
+    qd, qs, qm, qo = (a[:, :, None] for a in q)
+    kd, ks, km, ko = (a[:, None, :] for a in k)
+    same_split = qs == ks
+    visible = (ko <= qo) | (same_split & (qm != CAUSAL))
+    hidden_noise = (km == NOISE) & ~same_split
+    return (qd >= 0) & (kd >= 0) & (qd == kd) & visible & ~hidden_noise
+
+
+def _group(q: jax.Array, num_kv: int) -> jax.Array:
+    """``[B, T, Hq, D] -> [B, T, Hkv, G, D]``: query head j uses KV head j // G (contiguous groups)."""
+    b, t, hq, d = q.shape
+    if hq % num_kv:
+        raise ValueError(f"query heads {hq} not divisible by kv heads {num_kv}")
+    return q.reshape(b, t, num_kv, hq // num_kv, d)
+
+
+def _check(q, k, v, qm: TokenMeta, km: TokenMeta):
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention expects q [B,Tq,Hq,D], k=v [B,Tk,Hkv,D]; got {q.shape}, {k.shape}, {v.shape}")
+    if qm.doc.shape != q.shape[:2] or km.doc.shape != k.shape[:2]:
+        raise ValueError(f"metadata shapes {qm.doc.shape}/{km.doc.shape} do not match q {q.shape[:2]} / k {k.shape[:2]}")
+
+
+def dense_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, return_probs: bool = False):
+    """Reference attention with full scores. Returns ``out [B,Tq,Hq,D]`` (and probs ``[B,Hq,Tq,Tk]`` fp32)."""
+    _check(q, k, v, q_meta, k_meta)
+    b, tq, hq, d = q.shape
+    qg = _group(q, k.shape[2])
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * (d ** -0.5)
+    mask = allowed(q_meta, k_meta)[:, None, None]
+    s = jnp.where(mask, s, _NEG)
+    p = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True)) * mask
+    p = p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
+    out = jnp.einsum("bhgqk,bkhd->bqhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = out.reshape(b, tq, hq, d).astype(q.dtype)
+    if return_probs:
+        return out, p.reshape(b, hq, tq, k.shape[1])
+    return out
+
+
+def _pad_axis1(x, n, value=0):
+    if n == 0:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, n)
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def chunked_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, chunk: int):
+    """Memory-lean attention: online softmax over key blocks of ``chunk``, query blocks of ``chunk``.
+
+    Equal to ``dense_attention`` up to float rounding. Sequence lengths need not divide ``chunk``
+    (queries/keys are padded internally with pad metadata).
+    """
+    _check(q, k, v, q_meta, k_meta)
+    if chunk <= 0:
+        raise ValueError(f"attention chunk must be positive, got {chunk}")
+    b, tq, hq, d = q.shape
+    tk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    cq, ck = min(chunk, tq), min(chunk, tk)
+    pq, pk = (-tq) % cq, (-tk) % ck
+    nq, nk = (tq + pq) // cq, (tk + pk) // ck
+    scale = d ** -0.5
+
+    qg = _pad_axis1(_group(q, hkv), pq)
+    qm = q_meta.pad(pq)
+    k_, v_ = _pad_axis1(k, pk), _pad_axis1(v, pk)
+    km = k_meta.pad(pk)
+
+    # blocks on a leading axis: queries [nq, B, cq, Hkv, G, D], keys [nk, B, ck, Hkv, D]
+    q_blocks = jnp.moveaxis(qg.reshape(b, nq, cq, hkv, g, d), 1, 0)
+    qm_blocks = TokenMeta(*(jnp.moveaxis(a.reshape(b, nq, cq), 1, 0) for a in qm))
+    k_blocks = jnp.moveaxis(k_.reshape(b, nk, ck, hkv, d), 1, 0)
+    v_blocks = jnp.moveaxis(v_.reshape(b, nk, ck, hkv, d), 1, 0)
+    km_blocks = TokenMeta(*(jnp.moveaxis(a.reshape(b, nk, ck), 1, 0) for a in km))
+
+    def one_query_block(args):
+        qb, qmb = args
+
+        def step(carry, xs):
+            m, l, acc = carry
+            kb, vb, kmb = xs
+            s = jnp.einsum("bqhgd,bkhd->bhgqk", qb, kb, preferred_element_type=jnp.float32) * scale
+            mask = allowed(qmb, kmb)[:, None, None]
+            s = jnp.where(mask, s, _NEG)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.exp(s - m_new[..., None]) * mask
+            corr = jnp.exp(m - m_new)
+            l = l * corr + jnp.sum(p, axis=-1)
+            pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
+            acc = acc * corr[..., None] + pv
+            return (m_new, l, acc), None
+
+        init = (jnp.full((b, hkv, g, cq), _NEG, jnp.float32), jnp.zeros((b, hkv, g, cq), jnp.float32),
+                jnp.zeros((b, hkv, g, cq, d), jnp.float32))
+        (m, l, acc), _ = jax.lax.scan(jax.checkpoint(step, prevent_cse=False), init,
+                                      (k_blocks, v_blocks, km_blocks))
+        out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # fully masked (pad) rows: exactly 0
+        return jnp.moveaxis(out, 3, 1)  # [B, cq, Hkv, G, D]
+
+    out = jax.lax.map(one_query_block, (q_blocks, qm_blocks))  # [nq, B, cq, Hkv, G, D]
+    out = jnp.moveaxis(out, 0, 1).reshape(b, nq * cq, hq, d)[:, :tq]
+    return out.astype(q.dtype)
+
+
+def attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, impl: str, chunk: int = 512):
+    """Dispatch on ``model.attention_impl``; scale ``1/sqrt(head_dim)``; output in q's dtype."""
+    if impl == "dense":
+        return dense_attention(q, k, v, q_meta, k_meta)
+    if impl == "chunked":
+        return chunked_attention(q, k, v, q_meta, k_meta, chunk=chunk)
+    raise ValueError(f"unknown model.attention_impl {impl!r}; choose one of {IMPLS}")

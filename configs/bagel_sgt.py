@@ -176,6 +176,17 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     c.train.ce_weight = 1.5
     c.train.mse_weight = 1.0
     c.train.timestep_shift = 1.0
+    c.train.platform = "tpu" if variant == "7b" else "any"  # startup check: "", any, cpu, gpu, tpu
+    c.train.ce_chunk = 2048 if variant == "7b" else 16  # CE labels per LM-head chunk (never [L, V] at once)
+    c.train.ema_decay = 0.9999
+    c.train.ema_dtype = "float32"  # or "bfloat16" (halves EMA memory)
+    c.train.ema_offload = False  # keep the EMA in pinned host memory (TPU/GPU only)
+    c.train.max_consecutive_nonfinite = 5  # NaN/Inf loss or grad: update skipped; abort after this many in a row
+    c.train.log_every = 1
+    c.train.tensorboard = True
+    # Freezing (SGT default: everything trains except the VAE, which is always frozen).
+    c.train.freeze = ml_collections.ConfigDict(
+        dict(vit=False, connector=False, und=False, gen=False, embeddings=False, lm_head=False))
     c.optim = ml_collections.ConfigDict(
         dict(lr=1e-4, warmup_steps=1000 if variant == "7b" else 2, schedule="constant", min_lr=1e-7,
              b1=0.9, b2=0.95, eps=1e-15, weight_decay=0.0, clip_norm=1.0)
@@ -185,12 +196,52 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict()
     c.mesh.axes = ("data", "fsdp", "tensor")
     c.mesh.shape = (1, -1, 1)  # -1: fill with the remaining devices
+    # Ordered logical-name -> mesh-axes table (docs/interfaces.md §3). A name may repeat: the first entry
+    # whose mesh axes are unused in that array and divide the dimension wins (sgt_jax/parallel/mesh.py).
+    c.mesh.rules = (
+        ("batch", ("data", "fsdp")),
+        ("seq", None),
+        ("layers", None),
+        ("embed", "fsdp"),
+        ("vocab", "tensor"),
+        ("vocab", "fsdp"),
+        ("q_heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("mlp", "tensor"),
+        ("mlp", "fsdp"),
+        ("norm", None),
+        ("vit_embed", "fsdp"),
+        ("vit_heads", "tensor"),
+        ("vit_head_dim", None),
+        ("vit_mlp", "tensor"),
+        ("vit_mlp", "fsdp"),
+        ("vit_patch", None),
+        ("vit_pos", None),
+        ("conv_h", None),
+        ("conv_w", None),
+        ("conv_in", None),
+        ("conv_out", "fsdp"),
+        ("latent", None),
+        ("act_embed", None),
+        ("act_heads", "tensor"),
+        ("act_mlp", "tensor"),
+        ("act_vocab", "tensor"),
+    )
+    c.mesh.max_replicated_fraction = 0.02 if variant == "7b" else 0.25  # startup check (tiny: norms weigh more)
+    # Multi-process launch (also read from $SGT_COORDINATOR_ADDRESS/$SGT_NUM_PROCESSES/$SGT_PROCESS_ID);
+    # auto=True lets jax.distributed detect the cluster (TPU pods). Empty: single process.
+    c.mesh.distributed = ml_collections.ConfigDict(
+        dict(coordinator_address="", num_processes=0, process_id=-1, auto=False))
 
     # ---- checkpoint (sgt_jax/checkpoint) ----
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 1000 if variant == "7b" else 10
     c.checkpoint.keep = 3
     c.checkpoint.init_from = ""  # "" (random init), an imported workdir, or a BAGEL PyTorch folder
+    c.checkpoint.async_save = True
+    c.checkpoint.export_at_end = ""  # "", "ema" or "raw": write a BAGEL PyTorch folder after the last step
+    c.checkpoint.export_dir = ""  # default <workdir>/export
 
     # ---- compile (sgt_jax/compile.py) ----
     c.compile = ml_collections.ConfigDict()

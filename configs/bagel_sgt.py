@@ -247,4 +247,77 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     c.compile = ml_collections.ConfigDict()
     c.compile.topology = ""
 
+    # ---- generate / understand / segment / evaluate / analysis (sgt_jax/sampling, sgt_jax/eval) ----
+    _inference(c, variant)
+
     return c
+
+
+def _inference(c, variant):
+    """generate / understand / segment / evaluate / analysis (owner: sgt_jax/sampling, sgt_jax/eval;
+    docs/inference.md). Defaults follow BAGEL's inference notebook/app (specs/bagel.md §3.6)."""
+    tiny = variant == "tiny"
+    cd = ml_collections.ConfigDict
+    # KV-cache capacities are rounded up to this multiple: a bounded set of compiled shapes.
+    cache_bucket = 64 if tiny else 512
+    c.generate = cd(dict(
+        num_timesteps=4 if tiny else 50,  # N grid points -> N-1 Euler steps
+        timestep_shift=3.0,
+        seed=42,
+        height=32 if tiny else 1024,  # text-to-image output size (editing: the resized input's size)
+        width=32 if tiny else 1024,
+        num_images=1,  # images per request (seeds seed, seed+1, ...)
+        t2i=cd(dict(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), cfg_renorm_type="global",
+                    cfg_renorm_min=0.0)),
+        edit=cd(dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
+                     cfg_renorm_type="text_channel", cfg_renorm_min=0.0)),
+        # image inputs: "vae_vit" = BAGEL editing (clean VAE latents then ViT tokens), "vit" = ViT only (the
+        # SGT segmentation training plan, specs/sgt_recipe.md §1.2)
+        image_condition="vae_vit",
+        vae_sample=True,  # condition latents: posterior sample (BAGEL) or the mean (False)
+        think=False,  # generate reasoning text first and append it to the gen context only (§3.5)
+        max_think_tokens=16 if tiny else 1000,
+        cache_bucket=cache_bucket,
+    ))
+    c.understand = cd(dict(
+        max_new_tokens=16 if tiny else 512,
+        do_sample=False,  # greedy; True: temperature + top-p sampling
+        temperature=0.3,
+        top_p=1.0,
+        seed=42,
+        # ViT resize for questions (max, min, stride): BAGEL app.py uses (980, 224, 14)
+        vit_transform=(56, 28, 14) if tiny else (980, 224, 14),
+        think=False,
+        cache_bucket=cache_bucket,
+    ))
+    c.segment = cd(dict(
+        source="synthetic",  # synthetic | sa1b | coco_panoptic (read through config.data.sources.seg paths)
+        instruction="Segment every instance with a different color.",
+        start_index=100_000,  # synthetic: first scene index (training uses 0..num_samples-1)
+        num_images=2 if tiny else 200,
+        image_condition="vit",  # as SGT trains: ViT view of the image + instruction (see generate)
+        vit_transform=(56, 56, 14) if tiny else (224, 224, 14),
+        iou_threshold=0.5,
+        save_overlays=True,
+        cluster=cd(dict(bin_size=16, merge_dist=60.0, assign_dist=90.0, min_area=0.002,
+                        background_color=(0, 0, 0), split_components=False, reject_blends=True)),
+    ))
+    c.evaluate = cd(dict(
+        kind="mcq",  # mcq | geneval | probe | attention
+        limit=0,  # 0 = all items
+        mcq_suffix="Answer with the option's letter from the given choices directly.",
+        mcq_max_new_tokens=8 if tiny else 16,
+        geneval_n_per_prompt=4,
+    ))
+    c.analysis = cd(dict(
+        # linear probe (sgt_jax/eval/probe.py): features = "vit" and "llm<layer>" for each layer below
+        probe_llm_layers=(1,) if tiny else (14, 20, 27),
+        probe_num_images=24 if tiny else 400,  # synthetic probe set size
+        probe_test_fraction=0.3,
+        probe_c=1.0,
+        probe_projection="pca",  # pca | tsne
+        # attention allocation (sgt_jax/eval/attention_analysis.py)
+        attn_num_prompts=2 if tiny else 100,
+        attn_gen_step_fractions=(0.0, 0.5),  # denoising steps (fraction of N-1) where word attention is read
+        lexicon="",  # JSON file {"object": [...], "color": [...], "position": [...]}; "" = built-in lexicon
+    ))

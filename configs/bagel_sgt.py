@@ -245,7 +245,9 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
 
     # ---- compile (sgt_jax/compile.py) ----
     c.compile = ml_collections.ConfigDict()
-    c.compile.topology = ""
+    c.compile.topology = ""  # v4-N / v5p-N (N TensorCores), v5litepod-N / v6e-N (N chips), e.g. v5p-16
+    c.compile.num_slices = 1  # > 1: multislice (data parallel over slices)
+    c.compile.packs_per_chip = 1  # global packs per step = this x chips (0: keep data.packs_per_batch)
 
     # ---- generate / understand / segment / evaluate / analysis (sgt_jax/sampling, sgt_jax/eval) ----
     _inference(c, variant)

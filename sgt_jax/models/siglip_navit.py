@@ -1,0 +1,256 @@
+"""SigLIP NaViT vision encoder (BAGEL's ViT), Flax NNX.
+
+What it computes (specs/bagel.md §1.4, §2.5): several images are cut into 14x14 patches, concatenated
+into one patch stream per pack, embedded by a Linear layer (BAGEL stores SigLIP's Conv2d patch
+embedding in Linear form), summed with SigLIP's *learned* position table indexed by ``row*G + col``
+(G = ``max_patches_per_side``; a small image uses the top-left sub-grid, no interpolation), passed
+through pre-LN encoder layers whose attention is bidirectional inside each image and never crosses
+images, and finally through ``post_layernorm``.
+
+Why this shape of code:
+* Sub-module names mirror HF/BAGEL (``patch_embedding``, ``position_embedding``, ``layers``,
+  ``self_attn.{q,k,v,out}_proj``, ``layer_norm{1,2}``, ``mlp.fc{1,2}``, ``post_layernorm``) so the
+  conversion table (sgt_jax/checkpoint/vision_tables.py) reads like a rename.
+* The encoder layers are *stacked*: every layer parameter has a leading ``layers`` axis and the
+  forward runs ``jax.lax.scan`` over it, so compile time does not grow with depth (26 layers at 7B).
+* q/k/v/out kernels keep the head axis explicit ([embed, heads, head_dim]) so tensor parallelism can
+  shard heads through the logical axis rules.
+* Attention is written out (no kernel library): a dense path for short streams and a query-chunked
+  path whose peak memory is O(chunk x P) instead of O(P^2) for long packed streams.
+* The image-id mask allows a query to see key k iff ``image_id[q] == image_id[k]``. Real images have
+  ids >= 0, so real tokens never see padding (id -1); padding rows see only padding, so every row
+  has at least one visible key (itself) and the softmax stays finite without special cases.
+
+Module construction attaches logical sharding names to every parameter via ``nnx.with_partitioning``;
+build it inside a mesh + rules context, or under ``nnx.use_eager_sharding(False)`` (tests, CPU).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+ATTENTION_IMPLS = ("dense", "chunked")
+
+
+def _as_dtype(d):
+    return None if d is None else jnp.dtype(d)
+
+
+def _fan_in_init(in_axes, out_axes):
+    """LeCun-normal over the given input axes (kernels with more than two dims)."""
+    return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axes, out_axis=out_axes)
+
+
+class DenseGeneral(nnx.Module):
+    """``y = x . kernel + bias`` contracting the last ``len(in_shape)`` axes of x.
+
+    Written out (instead of nnx.LinearGeneral) so the kernel shape and its logical names are explicit:
+    kernel ``in_shape + out_shape`` named ``in_names + out_names``, bias ``out_shape`` named ``out_names``.
+    """
+
+    def __init__(self, in_shape, out_shape, in_names, out_names, *, dtype, param_dtype, rngs: nnx.Rngs):
+        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+        n_in = len(in_shape)
+        init = _fan_in_init(tuple(range(n_in)), tuple(range(n_in, n_in + len(out_shape))))
+        self.kernel = nnx.Param(
+            nnx.with_partitioning(init, tuple(in_names) + tuple(out_names))(rngs.params(), in_shape + out_shape,
+                                                                         param_dtype)
+        )
+        self.bias = nnx.Param(
+            nnx.with_partitioning(nnx.initializers.zeros, tuple(out_names))(rngs.params(), out_shape, param_dtype)
+        )
+        self.n_in = n_in
+        self.dtype = dtype
+
+    def __call__(self, x):
+        k, b = self.kernel[...], self.bias[...]
+        if self.dtype is not None:
+            x, k, b = x.astype(self.dtype), k.astype(self.dtype), b.astype(self.dtype)
+        n = self.n_in
+        y = jax.lax.dot_general(x, k, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
+        return y + b
+
+
+def _layer_norm(features, eps, *, dtype, param_dtype, rngs):
+    return nnx.LayerNorm(
+        features,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("norm",)),
+        rngs=rngs,
+    )
+
+
+def image_attention(q, k, v, image_id, *, impl: str = "dense", chunk: int = 512):
+    """Softmax attention restricted to tokens of the same image.
+
+    q, k, v: [B, P, N, D]; image_id: [B, P] int (pad = -1). Returns [B, P, N, D] in q's dtype.
+    Logits and softmax are computed in fp32. ``impl="chunked"`` scans over query blocks of ``chunk``
+    rows (the last block is padded) and rematerialises each block in the backward pass.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl {impl!r} unknown; choose one of {ATTENTION_IMPLS}")
+    scale = 1.0 / math.sqrt(q.shape[-1])
+
+    def block(qb, idq):
+        logits = jnp.einsum("bqnd,bknd->bnqk", qb, k, preferred_element_type=jnp.float32) * scale
+        mask = (idq[:, :, None] == image_id[:, None, :])[:, None]
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        return jnp.einsum("bnqk,bknd->bqnd", probs, v)
+
+    b, p, n, d = q.shape
+    if impl == "dense" or p <= chunk:
+        return block(q, image_id)
+    nblk = -(-p // chunk)
+    pad = nblk * chunk - p
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    idp = jnp.pad(image_id, ((0, 0), (0, pad)), constant_values=-1)
+    qp = qp.reshape(b, nblk, chunk, n, d).swapaxes(0, 1)
+    idp = idp.reshape(b, nblk, chunk).swapaxes(0, 1)
+    out = jax.lax.map(lambda a: jax.checkpoint(block)(*a), (qp, idp))  # [nblk, B, chunk, N, D]
+    return out.swapaxes(0, 1).reshape(b, nblk * chunk, n, d)[:, :p]
+
+
+class SiglipAttention(nnx.Module):
+    """Multi-head self-attention with biases on q/k/v/out (SigLIP)."""
+
+    def __init__(self, cfg, *, dtype, param_dtype, rngs, attention_impl="dense", attention_chunk=512):
+        hv, nh = cfg.hidden_size, cfg.num_heads
+        if hv % nh:
+            raise ValueError(f"vit.hidden_size {hv} is not divisible by vit.num_heads {nh}")
+        hd = hv // nh
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        heads = ("vit_heads", "vit_head_dim")
+        self.q_proj = DenseGeneral((hv,), (nh, hd), ("vit_embed",), heads, **kw)
+        self.k_proj = DenseGeneral((hv,), (nh, hd), ("vit_embed",), heads, **kw)
+        self.v_proj = DenseGeneral((hv,), (nh, hd), ("vit_embed",), heads, **kw)
+        self.out_proj = DenseGeneral((nh, hd), (hv,), heads, ("vit_embed",), **kw)
+        self.impl, self.chunk = attention_impl, attention_chunk
+
+    def __call__(self, x, image_id):
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        o = image_attention(q, k, v, image_id, impl=self.impl, chunk=self.chunk)
+        return self.out_proj(o)
+
+
+class SiglipMLP(nnx.Module):
+    def __init__(self, cfg, *, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = DenseGeneral((cfg.hidden_size,), (cfg.intermediate_size,), ("vit_embed",), ("vit_mlp",), **kw)
+        self.fc2 = DenseGeneral((cfg.intermediate_size,), (cfg.hidden_size,), ("vit_mlp",), ("vit_embed",), **kw)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))  # gelu_pytorch_tanh
+
+
+class SiglipEncoderLayer(nnx.Module):
+    """Pre-LN block: ``x += attn(LN1(x)); x += mlp(LN2(x))``."""
+
+    def __init__(self, cfg, *, dtype, param_dtype, rngs, attention_impl="dense", attention_chunk=512):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.layer_norm1 = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+        self.self_attn = SiglipAttention(cfg, attention_impl=attention_impl, attention_chunk=attention_chunk, **kw)
+        self.layer_norm2 = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+        self.mlp = SiglipMLP(cfg, **kw)
+
+    def __call__(self, x, image_id):
+        x = x + self.self_attn(self.layer_norm1(x), image_id)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class SiglipNaViT(nnx.Module):
+    """The packed-stream SigLIP encoder.
+
+    Args:
+      cfg_vit: ``config.model.vit`` (hidden_size, intermediate_size, num_heads, num_layers, patch_size,
+        max_patches_per_side, layer_norm_eps).
+      dtype: compute dtype (e.g. "bfloat16"); param_dtype: storage dtype of the weights.
+      attention_impl / attention_chunk: "dense" or "chunked" (query blocks of ``attention_chunk``).
+      remat_policy: one of REMAT_POLICIES, applied to each scanned layer.
+    """
+
+    def __init__(self, cfg_vit, *, dtype="float32", param_dtype="float32", rngs: nnx.Rngs,
+                 attention_impl: str = "dense", attention_chunk: int = 512, remat_policy: str = "none"):
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl {attention_impl!r} unknown; choose one of {ATTENTION_IMPLS}")
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy {remat_policy!r} unknown; choose one of {tuple(REMAT_POLICIES)}")
+        dtype, param_dtype = _as_dtype(dtype), _as_dtype(param_dtype)
+        ps, g, hv = int(cfg_vit.patch_size), int(cfg_vit.max_patches_per_side), int(cfg_vit.hidden_size)
+        self.patch_size, self.max_patches_per_side = ps, g
+        self.remat_policy = remat_policy
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.patch_embedding = DenseGeneral((3 * ps * ps,), (hv,), ("vit_patch",), ("vit_embed",), rngs=rngs, **kw)
+        self.position_embedding = nnx.Embed(
+            g * g, hv, embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vit_pos", "vit_embed")),
+            rngs=rngs, **kw,
+        )
+
+        @nnx.split_rngs(splits=cfg_vit.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(r):
+            return SiglipEncoderLayer(cfg_vit, rngs=r, attention_impl=attention_impl,
+                                      attention_chunk=attention_chunk, **kw)
+
+        self.layers = make_layers(rngs)
+        self.post_layernorm = _layer_norm(hv, cfg_vit.layer_norm_eps, rngs=rngs, **kw)
+
+    def __call__(self, patches, pos, image_id):
+        """patches [B,P,3*ps*ps] (order row-in-patch, col-in-patch, channel), pos [B,P] (row*G+col),
+        image_id [B,P] (pad -1) -> [B,P,hidden]."""
+        ps, g = self.patch_size, self.max_patches_per_side
+        if patches.ndim != 3 or patches.shape[-1] != 3 * ps * ps:
+            raise ValueError(f"vit patches must be [B,P,{3 * ps * ps}], got {patches.shape}")
+        if pos.shape != patches.shape[:2] or image_id.shape != patches.shape[:2]:
+            raise ValueError(f"vit pos {pos.shape} / image_id {image_id.shape} must be {patches.shape[:2]}")
+        # Out-of-range ids would silently clamp in the gather; clip keeps pads (pos 0) valid and real
+        # ids are checked on the host by `patchify`.
+        x = self.patch_embedding(patches) + self.position_embedding(jnp.clip(pos, 0, g * g - 1))
+
+        graphdef, state = nnx.split(self.layers)
+
+        def body(h, layer_state):
+            return nnx.merge(graphdef, layer_state)(h, image_id), None
+
+        policy = REMAT_POLICIES[self.remat_policy]
+        if self.remat_policy != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x, _ = jax.lax.scan(body, x, state)
+        return self.post_layernorm(x)
+
+
+def patchify(image, patch_size: int, max_patches_per_side: int):
+    """Host-side NaViT patchify, BAGEL's order (Bagel: data/data_utils.py ``patchify``).
+
+    image: [H, W, 3] float array (already normalised to [-1, 1]); H, W multiples of ``patch_size``.
+    Returns ``patches`` [gh*gw, ps*ps*3] float32 (row-major patches; inside a patch: row, col,
+    channel, channel fastest) and ``pos`` [gh*gw] int32 = ``row*max_patches_per_side + col``.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"patchify expects an [H,W,3] image, got shape {image.shape}")
+    h, w, _ = image.shape
+    ps, g = patch_size, max_patches_per_side
+    if h % ps or w % ps:
+        raise ValueError(f"image sides {h}x{w} must be multiples of the ViT patch size {ps}")
+    gh, gw = h // ps, w // ps
+    if gh > g or gw > g:
+        raise ValueError(f"image {h}x{w} has {gh}x{gw} patches; at most {g} per side are supported")
+    patches = image.reshape(gh, ps, gw, ps, 3).transpose(0, 2, 1, 3, 4).reshape(gh * gw, ps * ps * 3)
+    rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+    pos = (rows * g + cols).reshape(-1).astype(np.int32)
+    return patches.astype(np.float32), pos

@@ -1,0 +1,99 @@
+"""ArrayRecord shards of canonical raw records (sources/common.py): the output of ``--mode prepare`` and the
+input of ``PreparedSource``.
+
+Record encoding: msgpack (binary-safe, no pickle, so reading a shard never executes code) of the canonical
+dict plus a format tag ``"_v": 1``; image fields stay as their original encoded bytes (JPEG/PNG), so a prepared
+shard is about the size of the raw data. Shards are named ``<family>-<i:05d>-of-<n:05d>.array_record``
+(family ``seg`` or ``vqa``) and written with ``group_size:1`` for fast random access.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+import msgpack
+from array_record.python.array_record_module import ArrayRecordWriter
+
+from sgt_jax.data.records import BadSample
+
+FORMAT_VERSION = 1
+WRITER_OPTIONS = "group_size:1"
+_SHARD_RE = re.compile(r"^(seg|vqa)-(\d{5})-of-(\d{5})\.array_record$")
+
+
+def pack_record(canonical: dict) -> bytes:
+    return msgpack.packb(dict(canonical, _v=FORMAT_VERSION), use_bin_type=True)
+
+
+def unpack_record(data: bytes) -> dict:
+    """Inverse of ``pack_record``; undecodable bytes or another format version -> BadSample bad_record."""
+    try:
+        rec = msgpack.unpackb(data, raw=False)
+    except (msgpack.exceptions.ExtraData, msgpack.exceptions.UnpackException, ValueError) as err:
+        raise BadSample("bad_record", f"undecodable prepared record: {err}") from None
+    if not isinstance(rec, dict) or rec.get("_v") != FORMAT_VERSION:
+        raise BadSample("bad_record", f"prepared record has format {rec.get('_v') if isinstance(rec, dict) else '?'}, "
+                                      f"this code reads {FORMAT_VERSION}")
+    rec.pop("_v")
+    return rec
+
+
+def shard_name(family: str, i: int, n: int) -> str:
+    return f"{family}-{i:05d}-of-{n:05d}.array_record"
+
+
+class ShardedWriter:
+    """Writes records in order, ``records_per_shard`` per file. The total is unknown up front, so shards are
+    written as ``<family>-<i>.tmp`` and renamed to their ``-of-<n>`` names on ``close``."""
+
+    def __init__(self, out_dir: str, family: str, records_per_shard: int):
+        if records_per_shard < 1:
+            raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir, self.family, self.per_shard = out_dir, family, records_per_shard
+        self._tmp: list[str] = []
+        self._writer = None
+        self._in_shard = 0
+        self.count = 0
+
+    def write(self, canonical: dict) -> None:
+        if self._writer is None or self._in_shard >= self.per_shard:
+            self._close_current()
+            path = os.path.join(self.out_dir, f"{self.family}-{len(self._tmp):05d}.tmp")
+            self._tmp.append(path)
+            self._writer = ArrayRecordWriter(path, WRITER_OPTIONS)
+            self._in_shard = 0
+        self._writer.write(pack_record(canonical))
+        self._in_shard += 1
+        self.count += 1
+
+    def _close_current(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def close(self) -> list[str]:
+        """Finishes the shards and returns their final paths (none if nothing was written)."""
+        self._close_current()
+        n = len(self._tmp)
+        finals = []
+        for i, tmp in enumerate(self._tmp):
+            final = os.path.join(self.out_dir, shard_name(self.family, i, n))
+            os.replace(tmp, final)
+            finals.append(final)
+        return finals
+
+
+def find_shards(root: str, family: str) -> list[str]:
+    """The complete, consistent shard set of ``family`` under ``root`` (error if one is missing)."""
+    paths = sorted(p for p in glob.glob(os.path.join(root, f"{family}-*-of-*.array_record"))
+                   if _SHARD_RE.match(os.path.basename(p)))
+    if not paths:
+        raise FileNotFoundError(f"no prepared {family!r} shards ({family}-NNNNN-of-NNNNN.array_record) in {root!r}; "
+                                "run --mode prepare first")
+    totals = {int(_SHARD_RE.match(os.path.basename(p)).group(3)) for p in paths}
+    if len(totals) != 1 or len(paths) != totals.pop():
+        raise ValueError(f"incomplete or mixed prepared shard set for {family!r} in {root!r}: {paths}")
+    return paths

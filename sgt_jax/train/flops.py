@@ -125,7 +125,10 @@ def budgets_from_config(config) -> PackBudgets:
     if missing:
         raise ValueError(f"config.data.pack lacks budget field(s) {missing}; has {sorted(pack.keys())}")
     ni = get("vae_images", "NI", default=0)
-    canvas = tuple(get("vae_canvas", default=(0, 0)))
+    canvas = get("vae_canvas", default=None)
+    if canvas is None:  # online VAE canvas: the VAE transform's max side, square (sgt_jax/data transforms)
+        side = int(config.data.transforms.vae[0]) if "transforms" in config.data else 0
+        canvas = (side, side)
     return PackBudgets(int(u), int(z), int(p), int(lab), int(ni), (int(canvas[0]), int(canvas[1])))
 
 

@@ -1,0 +1,350 @@
+"""AOT-compile the real train step for a TPU topology on a machine without TPUs (``--mode compile``).
+
+    python -m sgt_jax.main --mode compile --config configs/bagel_sgt.py:7b \\
+        --config.compile.topology=v5p-16 --workdir runs/compile
+
+Why: a 7B SGT step that does not fit in HBM should fail here, on a CPU box, in minutes, not after a
+pod has been rented and the data pipeline has warmed up. With libtpu installed (``pip install
+"jax[tpu]"``), ``jax.experimental.topologies.get_topology_desc`` gives *abstract* TPU devices; we build
+the training mesh over them, lower the train step with ``ShapeDtypeStruct`` arguments carrying their
+shardings and let the real TPU compiler compile it. The report (printed and written to
+``<workdir>/compile_<topology>.json``) gives, per chip:
+
+* HBM: argument / output / temp / alias / generated-code bytes (``memory_analysis``), their total
+  against the chip's capacity, and a fits / does-not-fit verdict. A compile that runs out of HBM is a
+  "does not fit" with the compiler's own message (the same error the pod would raise).
+* FLOPs per step: (a) the analytic model FLOPs (sgt_jax/train/flops.py: MoT experts on their own tokens,
+  LM head on labelled rows, causal-half attention), (b) the FLOPs the traced program executes, counted
+  from its jaxpr with scan trip counts and remat recompute (``traced_flops``), and their ratio (remat of
+  everything costs ≈ 4/3; causal masks executed densely add more), and (c) XLA's ``cost_analysis`` number
+  as is. XLA's HloCostAnalysis counts a while-loop body **once**, so with scanned layers (c) undercounts
+  by about the layer count; it is printed for reference only.
+
+Topology names follow Cloud TPU accelerator types: ``v4-N`` and ``v5p-N`` count TensorCores (2 per
+chip), ``v5litepod-N`` and ``v6e-N`` count chips. Only shapes are built: no parameter is materialised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import time
+from typing import Any, Callable
+
+import jax
+
+from sgt_jax.train import flops as flops_lib
+
+# ---------------------------------------------------------------------------------------------------
+# Topologies
+# ---------------------------------------------------------------------------------------------------
+
+# Chip-grid shapes by chip count. 3-D tori for v4/v5p, 2-D for v5e/v6e (Cloud TPU docs, "supported
+# configurations" tables of each generation).
+_SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+              512: "8x8x8", 1024: "8x8x16"}
+_SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+# accelerator-type prefix -> (chip key in flops.CHIPS, libtpu platform name, grid table, count unit)
+_FAMILIES = {
+    "v4": ("v4", "v4", _SHAPES_3D, "cores"),
+    "v5p": ("v5p", "v5p", _SHAPES_3D, "cores"),
+    "v5litepod": ("v5e", "v5e", _SHAPES_2D, "chips"),
+    "v5e": ("v5e", "v5e", _SHAPES_2D, "chips"),
+    "v6e": ("v6e", "v6e", _SHAPES_2D, "chips"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TopologySpec:
+    """One slice: the accelerator type users type into gcloud, and what libtpu needs to describe it."""
+
+    name: str  # e.g. "v5p-16"
+    chip: flops_lib.Chip
+    libtpu_name: str  # e.g. "v5p:2x2x2"
+    num_chips: int
+    chips_per_host: int
+
+    @property
+    def hosts(self) -> int:
+        return max(1, self.num_chips // self.chips_per_host)
+
+    def topology_kwargs(self) -> dict[str, Any]:
+        grid = [int(x) for x in self.libtpu_name.split(":")[1].split("x")]
+        kw: dict[str, Any] = {}
+        if self.chip.name == "v4":  # v4 exposes each TensorCore unless told to fuse them (megacore)
+            kw["chip_config_name"] = "megacore"
+        if self.num_chips > self.chips_per_host:  # multi-host slice: 2x2 chips per host
+            kw["chips_per_host_bounds"] = (2, 2, 1)
+        elif len(grid) == 2:
+            kw["chips_per_host_bounds"] = (grid[0], grid[1], 1)
+        return kw
+
+
+def parse_topology(name: str) -> TopologySpec:
+    """``v5p-16`` -> TopologySpec(v5p, "v5p:2x2x2", 8 chips, 4 per host); errors list what is known."""
+    m = re.fullmatch(r"(v4|v5p|v5litepod|v5e|v6e)-(\d+)", name.strip())
+    if not m:
+        raise ValueError(f"config.compile.topology={name!r}: expected <family>-<size>, family one of "
+                         f"{sorted(_FAMILIES)}, e.g. v5p-16, v4-32, v5litepod-64, v6e-64")
+    family, size = m.group(1), int(m.group(2))
+    chip_key, platform, shapes, unit = _FAMILIES[family]
+    chip = flops_lib.CHIPS[chip_key]
+    if unit == "cores":
+        if size % chip.cores_per_chip:
+            raise ValueError(f"{name}: {family} sizes count TensorCores ({chip.cores_per_chip} per chip)")
+        num_chips = size // chip.cores_per_chip
+    else:
+        num_chips = size
+    if num_chips not in shapes:
+        sizes = sorted(n * (chip.cores_per_chip if unit == "cores" else 1) for n in shapes)
+        raise ValueError(f"{name}: unsupported size; known {family} sizes: {sizes}")
+    per_host = 4 if num_chips >= 4 else num_chips
+    if unit == "chips" and num_chips == 8:
+        per_host = 8  # v5litepod-8 / v6e-8 are one 8-chip host
+    return TopologySpec(name, chip, f"{platform}:{shapes[num_chips]}", num_chips, per_host)
+
+
+def topology_devices(spec: TopologySpec, num_slices: int = 1) -> list:
+    """Abstract TPU devices of ``num_slices`` slices of ``spec`` (needs libtpu, not a TPU)."""
+    from jax.experimental import topologies
+
+    if num_slices < 1:
+        raise ValueError(f"config.compile.num_slices must be >= 1, got {num_slices}")
+    try:
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=spec.libtpu_name,
+                                            num_slices=num_slices, **spec.topology_kwargs())
+    except Exception as err:  # libtpu missing or too old: say what to install
+        raise RuntimeError(f"could not describe TPU topology {spec.libtpu_name} ({spec.name}): {err}. "
+                           "Compile mode needs libtpu: pip install 'jax[tpu]==<your jax version>'") from err
+    devices = list(desc.devices)
+    if len(devices) != spec.num_chips * num_slices:
+        raise RuntimeError(f"{spec.name}: libtpu gave {len(devices)} devices, expected "
+                           f"{spec.num_chips * num_slices}")
+    return devices
+
+
+# ---------------------------------------------------------------------------------------------------
+# FLOPs of the traced program (scan trip counts and remat recompute included)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _dot_flops(eqn) -> int:
+    lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    contract = math.prod(lhs.shape[d] for d in lc)
+    batch = math.prod(lhs.shape[d] for d in lb)
+    lfree = math.prod(s for i, s in enumerate(lhs.shape) if i not in lc and i not in lb)
+    rfree = math.prod(s for i, s in enumerate(rhs.shape) if i not in rc and i not in rb)
+    return 2 * batch * lfree * rfree * contract
+
+
+def _conv_flops(eqn) -> int:
+    out = eqn.outvars[0].aval
+    rhs = eqn.invars[1].aval
+    dn = eqn.params["dimension_numbers"]
+    rhs_spec = dn.rhs_spec  # (out feature dim, in feature dim, spatial...)
+    kernel_spatial = math.prod(rhs.shape[d] for d in rhs_spec[2:])
+    in_per_group = rhs.shape[rhs_spec[1]]
+    return 2 * math.prod(out.shape) * kernel_spatial * in_per_group
+
+
+def _sub_jaxprs(eqn):
+    from jax.extend import core as jcore
+
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, jcore.ClosedJaxpr):
+                yield item.jaxpr
+            elif isinstance(item, jcore.Jaxpr):
+                yield item
+
+
+def jaxpr_flops(jaxpr, multiplier: int = 1, acc: dict | None = None) -> dict[str, int]:
+    """Matmul + conv FLOPs of a jaxpr, recursing into sub-jaxprs; a scan body counts ``length`` times,
+    a ``cond`` counts its most expensive branch, a ``while`` body once (flagged in ``while_loops``)."""
+    acc = {"dot_general": 0, "conv": 0, "while_loops": 0} if acc is None else acc
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name == "dot_general":
+            acc["dot_general"] += multiplier * _dot_flops(eqn)
+        elif name == "conv_general_dilated":
+            acc["conv"] += multiplier * _conv_flops(eqn)
+        elif name == "cond":
+            branch_costs = [jaxpr_flops(b.jaxpr, multiplier) for b in eqn.params["branches"]]
+            best = max(branch_costs, key=lambda c: c["dot_general"] + c["conv"])
+            for k in acc:
+                acc[k] += best[k]
+            continue
+        if name == "while":
+            acc["while_loops"] += 1
+        inner = multiplier * (int(eqn.params["length"]) if name == "scan" else 1)
+        for sub in _sub_jaxprs(eqn):
+            jaxpr_flops(sub, inner, acc)
+    return acc
+
+
+def traced_flops(fn: Callable, *args) -> int:
+    """Global FLOPs (matmuls + convs) that ``fn(*args)`` executes, from its jaxpr (shapes only)."""
+    closed = jax.make_jaxpr(fn)(*args)
+    counts = jaxpr_flops(closed.jaxpr)
+    return counts["dot_general"] + counts["conv"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Compile and report
+# ---------------------------------------------------------------------------------------------------
+
+_OOM = re.compile(r"RESOURCE_EXHAUSTED|Ran out of memory|exceeds available HBM|out of memory", re.I)
+
+
+def compile_and_analyse(jitted, args: tuple, *, hbm_bytes: int) -> dict[str, Any]:
+    """Lower + compile ``jitted(*args)``; return per-device memory, XLA FLOPs and a fits verdict.
+
+    An out-of-memory compile error is a result (``fits: False`` with the compiler's message), any other
+    error propagates.
+    """
+    t0 = time.time()
+    lowered = jitted.lower(*args)
+    t_lower = time.time() - t0
+    try:
+        compiled = lowered.compile()
+    except Exception as err:  # noqa: BLE001 - only OOM is a verdict, the rest re-raises
+        if not _OOM.search(str(err)):
+            raise
+        return {"fits": False, "oom_message": str(err).strip().splitlines()[0][:2000],
+                "lower_s": t_lower, "compile_s": time.time() - t0 - t_lower}
+    t_compile = time.time() - t0 - t_lower
+    mem = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+              "alias_size_in_bytes", "generated_code_size_in_bytes")
+    m = {f.replace("_size_in_bytes", "_bytes"): int(getattr(mem, f, 0) or 0) for f in fields}
+    total = m["argument_bytes"] + m["output_bytes"] + m["temp_bytes"] - m["alias_bytes"] + \
+        m["generated_code_bytes"]
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return {"fits": total <= hbm_bytes, **m, "total_bytes": total, "hbm_bytes": hbm_bytes,
+            "hbm_fraction": total / hbm_bytes, "xla_flops_per_device": float((cost or {}).get("flops", 0.0)),
+            "lower_s": t_lower, "compile_s": t_compile}
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """Human-readable summary of a report dict (the JSON holds everything)."""
+    lines = [f"== compile {r['topology']} ({r['libtpu_topology']}, {r['num_chips']} chips"
+             f"{' x %d slices' % r['num_slices'] if r['num_slices'] > 1 else ''}, {r['chip']}) =="]
+    lines.append(f"packs/step {r['packs_per_step']}  tokens/pack {r['tokens_per_pack']}  "
+                 f"tokens/chip {r['tokens_per_chip']:.0f}  mesh {r['mesh']}")
+    if r["fits"] and "total_bytes" in r:
+        lines.append(f"HBM per chip: arguments {_gib(r['argument_bytes'])}, outputs {_gib(r['output_bytes'])}, "
+                     f"temp {_gib(r['temp_bytes'])}, aliased {_gib(r['alias_bytes'])}, code "
+                     f"{_gib(r['generated_code_bytes'])} -> total {_gib(r['total_bytes'])} of "
+                     f"{_gib(r['hbm_bytes'])} ({100 * r['hbm_fraction']:.1f}%)")
+    elif "total_bytes" in r:
+        lines.append(f"HBM per chip: total {_gib(r['total_bytes'])} of {_gib(r['hbm_bytes'])}")
+    else:
+        lines.append(f"compiler OOM: {r.get('oom_message', '')}")
+    if "analytic_flops" in r:
+        lines.append(f"FLOPs/step (global): analytic model {r['analytic_flops']:.3e} "
+                     f"(6*N_active*tokens part {r['six_n_tokens_flops']:.3e}); traced program "
+                     f"{r['traced_flops']:.3e} -> ratio {r['traced_over_analytic']:.2f}x")
+    if "xla_flops_per_device" in r:
+        lines.append(f"XLA cost_analysis per device {r['xla_flops_per_device']:.3e} (counts scan bodies once)")
+    lines.append(f"lower {r.get('lower_s', 0):.1f}s, compile {r.get('compile_s', 0):.1f}s")
+    lines.append("VERDICT: " + ("FITS" if r["fits"] else "DOES NOT FIT"))
+    return "\n".join(lines)
+
+
+def _build_train_step(config, mesh):
+    """The real train step and its abstract arguments (owner: sgt_jax/train). Returns
+    ``(jitted_step, shaped_args)`` with ShapeDtypeStructs carrying NamedShardings on ``mesh``."""
+    from sgt_jax.train import step as step_lib  # noqa: PLC0415 (heavy import, only in compile mode)
+
+    return step_lib.abstract_train_step(config, mesh)
+
+
+def compile_config(config, *, devices=None, spec: TopologySpec | None = None, num_slices: int = 1,
+                   builder: Callable | None = None) -> dict[str, Any]:
+    """Compile ``config``'s train step over ``devices`` and return the report dict (no printing)."""
+    from sgt_jax.parallel import mesh as mesh_lib
+
+    if spec is None:
+        spec = parse_topology(config.compile.topology)
+    if devices is None:
+        devices = topology_devices(spec, num_slices)
+    n = len(devices)
+    budgets = flops_lib.budgets_from_config(config)
+    packs = int(config.data.packs_per_batch)
+    mesh = mesh_lib.make_mesh(config.mesh, devices)
+    jitted, args = (builder or _build_train_step)(config, mesh)
+    report = {"topology": spec.name, "libtpu_topology": spec.libtpu_name, "num_chips": spec.num_chips,
+              "num_slices": num_slices, "num_devices": n, "hosts": spec.hosts * num_slices,
+              "chip": spec.chip.name, "chip_peak_bf16_flops": spec.chip.peak_bf16_flops,
+              "mesh": dict(mesh.shape), "packs_per_step": packs, "tokens_per_pack": budgets.tokens,
+              "tokens_per_chip": packs * budgets.tokens / n, "variant": config.get("variant", "")}
+    report.update(compile_and_analyse(jitted, args, hbm_bytes=spec.chip.hbm_bytes))
+    frozen = [k for k, v in dict(config.train.get("freeze", {})).items() if v]
+    analytic = flops_lib.step_flops(config.model, budgets, packs=packs, frozen=_flops_frozen(frozen),
+                                    vae_online=config.data.get("latents", "cached") == "online")
+    act = flops_lib.active_params(config.model)
+    six_n = 6 * (act["llm_expert"] * budgets.tokens + act["lm_head"] * budgets.ce_labels +
+                 (act["vit"] + act["connector"]) * budgets.vit_patches) * packs
+    t0 = time.time()
+    traced = traced_flops(jitted, *args)
+    report.update({"analytic_flops": analytic.total, "analytic_by_module": dict(analytic.by_module),
+                   "remat_recompute_flops": analytic.remat_recompute_flops(), "six_n_tokens_flops": six_n,
+                   "traced_flops": traced, "traced_over_analytic": traced / analytic.total,
+                   "trace_s": time.time() - t0})
+    return report
+
+
+# config.train.freeze keys -> flops module names (embeddings/lm_head/und/gen map onto the LLM blocks).
+_FREEZE_TO_MODULE = {"vit": "vit", "connector": "connector"}
+
+
+def _flops_frozen(frozen_keys) -> tuple[str, ...]:
+    """Modules frozen for the FLOPs multiplier; partial LLM freezing (und/gen/embeddings) keeps ``llm``
+    trainable in the count (its multiplier is 3 as long as either expert trains)."""
+    out = [_FREEZE_TO_MODULE[k] for k in frozen_keys if k in _FREEZE_TO_MODULE]
+    if "und" in frozen_keys and "gen" in frozen_keys:
+        out.append("llm")
+    if "lm_head" in frozen_keys:
+        out.append("lm_head")
+    return tuple(out)
+
+
+def _apply_compile_overrides(config):
+    """``compile.packs_per_chip`` > 0 sets the global packs per step to packs_per_chip x chips."""
+    c = config.compile
+    spec = parse_topology(c.topology)
+    num_slices = int(c.get("num_slices", 1))
+    packs_per_chip = int(c.get("packs_per_chip", 0))
+    if packs_per_chip < 0:
+        raise ValueError(f"config.compile.packs_per_chip must be >= 0, got {packs_per_chip}")
+    if packs_per_chip:  # an existing field: allowed on a locked ConfigDict
+        config.data.packs_per_batch = packs_per_chip * spec.num_chips * num_slices
+    return spec, num_slices
+
+
+def run(config, args) -> int:
+    """``--mode compile``: compile for ``config.compile.topology``, print the report, write its JSON."""
+    if not config.compile.get("topology"):
+        raise ValueError("--mode compile needs --config.compile.topology=<type>, e.g. v5p-16, v4-32, "
+                         "v5litepod-64, v6e-64")
+    jax.config.update("jax_platforms", "cpu")  # the host backend; TPU devices are abstract
+    spec, num_slices = _apply_compile_overrides(config)
+    report = compile_config(config, spec=spec, num_slices=num_slices)
+    text = format_report(report)
+    print(text, flush=True)
+    os.makedirs(args.workdir, exist_ok=True)
+    suffix = f"_x{num_slices}" if num_slices > 1 else ""
+    path = os.path.join(args.workdir, f"compile_{spec.name}{suffix}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2, default=float)
+    print(f"report: {path}")
+    return 0

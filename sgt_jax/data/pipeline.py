@@ -1,0 +1,229 @@
+"""The training input pipeline: Grain MapDatasets per task -> plans -> mixing with quotas -> packed host batches.
+
+    it = make_train_iterator(config, process_index=jax.process_index(), process_count=jax.process_count())
+    batch = next(it)          # dict of numpy arrays, leading dim packs_per_batch // process_count
+    state = it.get_state()    # JSON-serialisable; it.set_state(state) resumes exactly
+    it.stats()                # skipped-by-reason counts, realised seg:VQA ratios, packing efficiency
+
+Per task group (``seg``, ``vqa``) one stream is built (jax_practice.md §4):
+``MapDataset.source(src).shuffle(seed).repeat()`` (a global shuffle that is redrawn every epoch: Grain's
+shuffle-then-repeat draws a new permutation per epoch), then this process's slice ``[process_index::
+process_count]`` of that infinite sequence (no two processes ever read the same position; within an epoch
+every record is read exactly once across processes), then one map step: decode -> transforms -> plan ->
+budget check (-> cached latents). Bad samples (``records.BadSample``, from decode or from the plan) become
+``{"skip": reason}`` elements that the mixer counts and skips. Per-element randomness (instruction template,
+text CFG dropout) comes from ``np.random.default_rng([seed, group, global position])``, so it does not
+depend on workers, processes or restarts.
+
+With ``config.data.workers > 0`` the map step runs in Grain worker processes (``mp_prefetch``); with 0 it runs
+in-process. Either way the stream position is a plain integer, and the iterator state is
+``{stream positions, carried samples (group, position), counters}``: restoring rebuilds each stream at its
+position and re-reads carried samples by position, so the batches after a restore equal the uninterrupted
+ones. (Worker prefetch buffers are simply rebuilt; nothing is skipped.)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import grain
+import numpy as np
+
+from sgt_jax.data import bad_data, plans, records
+from sgt_jax.data.mixing import GROUPS, Mixer
+from sgt_jax.data.packing import BatchLayout, assemble_batch, efficiency
+from sgt_jax.data.records import BadSample
+from sgt_jax.data.tokenizer import get_tokenizer
+from sgt_jax.data.transforms import Transforms
+
+STATE_VERSION = 1
+_GROUP_SEED = {"seg": 0x5E6, "vqa": 0x7CA}
+
+
+class PlanFn:
+    """Grain map step: (position, raw record) -> plan dict, or ``{"skip": reason}``. Picklable for workers."""
+
+    def __init__(self, config, source, group: str, process_index: int, process_count: int, tokenizer=None):
+        self.source, self.group = source, group
+        self.seed = int(config.data.seed)
+        self.p, self.n = process_index, process_count
+        self.tok = tokenizer if tokenizer is not None else get_tokenizer(config)
+        self.tfm = Transforms.from_config(config)
+        self.layout = BatchLayout.from_config(config)
+        self.text_dropout = float(config.data.text_cond_dropout)
+        if not 0.0 <= self.text_dropout <= 1.0:
+            raise ValueError(f"config.data.text_cond_dropout must be in [0, 1], got {self.text_dropout}")
+        self.latent_cache_path = config.data.latent_cache
+        if self.layout.latents == "cached" and not self.latent_cache_path:
+            raise ValueError("config.data.latents='cached' needs config.data.latent_cache (the folder written by "
+                             "--mode prepare); use latents='online' to encode in the step instead")
+        self._cache = None
+
+    def _latents(self):
+        if self._cache is None:
+            from sgt_jax.data.latent_cache import LatentCache
+
+            self._cache = LatentCache(self.latent_cache_path)
+        return self._cache
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_cache"] = None  # each worker opens its own readers
+        return d
+
+    def __call__(self, position: int, raw) -> dict:
+        try:
+            sample = self.source.decode(raw)
+            if sample["task"] not in (records.SEG_TASKS if self.group == "seg" else (records.VQA_TASK,)):
+                raise BadSample("bad_record", f"{sample['key']}: task {sample['task']!r} in the {self.group} stream")
+            rng = np.random.default_rng([self.seed, _GROUP_SEED[self.group], position * self.n + self.p])
+            if self.group == "seg":
+                from sgt_jax.data import templates
+
+                options = templates.templates_for(sample["task"])
+                instruction = options[int(rng.integers(len(options)))]
+                plan = plans.sgt_plan(sample, instruction, self.tok, self.tfm,
+                                      drop_text=bool(rng.random() < self.text_dropout))
+            else:
+                plan = plans.vqa_plan(sample, self.tok, self.tfm)
+            plans.check_budget(plan, self.layout.budget)
+            if self.layout.latents == "cached":
+                self._latents().attach(plan)
+        except BadSample as err:
+            return {"skip": err.reason, "detail": err.detail, "index": position}
+        plan["index"] = position
+        if self.layout.latents == "cached":
+            plan["vae_images"] = []  # the pixels are not needed any more (smaller IPC)
+        return plan
+
+
+class Stream:
+    """One task group's infinite, process-sliced, planned MapDataset with an integer read position."""
+
+    def __init__(self, dataset, workers: int, worker_buffer: int):
+        self.ds, self.workers, self.worker_buffer = dataset, workers, worker_buffer
+        self.pos = 0
+        self._it = None
+
+    def _iterator(self):
+        if self._it is None and self.workers > 0:
+            it_ds = self.ds[self.pos:].to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
+                                                                   per_worker_buffer_size=self.worker_buffer))
+            self._it = iter(it_ds)
+        return self._it
+
+    def next(self) -> dict:
+        it = self._iterator()
+        el = next(it) if it is not None else self.ds[self.pos]
+        if el["index"] != self.pos:
+            raise RuntimeError(f"stream out of step: got position {el['index']}, expected {self.pos}")
+        self.pos += 1
+        return el
+
+    def fetch(self, position: int) -> dict:
+        return self.ds[position]
+
+    def set_pos(self, pos: int) -> None:
+        self.close()
+        self.pos = int(pos)
+
+    def close(self) -> None:
+        it, self._it = self._it, None
+        if it is not None and hasattr(it, "close"):
+            it.close()
+
+
+def build_stream(config, source, group: str, process_index: int, process_count: int, tokenizer=None) -> Stream:
+    """The stream of ``group`` over ``source`` (len + __getitem__ raw records + decode)."""
+    if len(source) == 0:
+        raise ValueError(f"the {group} source {source!r} is empty")
+    fn = PlanFn(config, source, group, process_index, process_count, tokenizer)
+    ds = grain.MapDataset.source(source).shuffle(seed=int(config.data.seed) + _GROUP_SEED[group]).repeat()
+    ds = ds[process_index::process_count].map_with_index(fn)
+    return Stream(ds, int(config.data.workers), int(config.data.worker_buffer))
+
+
+def default_sources(config) -> dict:
+    """{group: source} from ``config.data.sources`` (sgt_jax/data/sources, engineer D1's factory)."""
+    from sgt_jax.data import sources as sources_mod
+
+    if not hasattr(sources_mod, "build_sources"):
+        raise RuntimeError("sgt_jax.data.sources has no build_sources(config); pass sources= explicitly")
+    return sources_mod.build_sources(config)
+
+
+class TrainIterator:
+    """Host batches of this process; checkpointable (``get_state``/``set_state``), with ``stats``."""
+
+    def __init__(self, config, *, process_index: int = 0, process_count: int = 1, sources: dict | None = None):
+        g = int(config.data.packs_per_batch)
+        if process_count < 1 or not 0 <= process_index < process_count:
+            raise ValueError(f"bad process_index {process_index} / process_count {process_count}")
+        if g % process_count:
+            raise ValueError(f"config.data.packs_per_batch={g} is not divisible by process_count={process_count}")
+        self.config = config
+        self.process_index, self.process_count = process_index, process_count
+        self.layout = BatchLayout.from_config(config)
+        srcs = sources if sources is not None else default_sources(config)
+        quota = {k: config.data.quota[k] for k in ("mode",) + GROUPS}
+        tok = get_tokenizer(config)
+        self.streams = {grp: build_stream(config, srcs[grp], grp, process_index, process_count, tok)
+                        for grp in GROUPS if quota[grp] > 0}
+        for grp in GROUPS:
+            if quota[grp] > 0 and grp not in srcs:
+                raise ValueError(f"config.data.quota.{grp}={quota[grp]} but no {grp} source")
+        self.mixer = Mixer(self.streams, quota, self.layout.budget, g // process_count)
+        self._eff_sum = {}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        batch = assemble_batch(self.mixer.next_packs(), self.layout)
+        for k, v in efficiency(batch, self.layout.budget).items():
+            self._eff_sum[k] = self._eff_sum.get(k, 0.0) + v
+        return batch
+
+    def get_state(self) -> dict:
+        return {
+            "version": STATE_VERSION, "process_index": self.process_index, "process_count": self.process_count,
+            "positions": {grp: s.pos for grp, s in self.streams.items()},
+            "mixer": self.mixer.get_state(), "efficiency_sum": dict(self._eff_sum),
+        }
+
+    def set_state(self, state: dict) -> None:
+        state = json.loads(json.dumps(state))  # accept exactly what JSON gives back
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data iterator state version {state.get('version')} != {STATE_VERSION}")
+        if (state["process_index"], state["process_count"]) != (self.process_index, self.process_count):
+            raise ValueError(f"data iterator state is for process {state['process_index']}/{state['process_count']}"
+                             f", this is {self.process_index}/{self.process_count}")
+        if set(state["positions"]) != set(self.streams):
+            raise ValueError(f"state streams {sorted(state['positions'])} != configured {sorted(self.streams)}")
+        for grp, pos in state["positions"].items():
+            self.streams[grp].set_pos(pos)
+        self.mixer.set_state(state["mixer"])
+        self._eff_sum = dict(state["efficiency_sum"])
+
+    def stats(self) -> dict:
+        """Mixer stats (ratios, skips by reason) + mean packing efficiency per budget over all batches."""
+        out = copy.deepcopy(self.mixer.stats())
+        nb = max(out["batches"], 1)
+        out["efficiency"] = {k: v / nb for k, v in self._eff_sum.items()}
+        skipped = bad_data.SkipCounter(log_skips=False)
+        for grp in out["skipped"].values():
+            skipped.skipped.update(grp)
+        out["skipped_total"] = {r: n for r, n in skipped.as_dict()["skipped"].items() if n}
+        return out
+
+    def close(self) -> None:
+        for s in self.streams.values():
+            s.close()
+
+
+def make_train_iterator(config, *, process_index: int = 0, process_count: int = 1, sources: dict | None = None):
+    """THE training input API (see module docstring). ``sources`` ({"seg": src, "vqa": src}) overrides
+    ``config.data.sources`` (tests, notebooks)."""
+    return TrainIterator(config, process_index=process_index, process_count=process_count, sources=sources)

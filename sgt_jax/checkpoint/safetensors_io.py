@@ -168,6 +168,7 @@ class StreamingWriter:
         self._data_start = 8 + len(blob)
         self._total = offset
         self._written: set[str] = set()
+        self._rows: dict[str, np.ndarray] = {}  # partially written tensors: which rows are done
         self._f = open(path, "wb")
         self._f.write(struct.pack("<Q", len(blob)))
         self._f.write(blob)
@@ -176,7 +177,7 @@ class StreamingWriter:
     def write(self, name: str, array: np.ndarray):
         if name not in self.specs:
             raise KeyError(f"{self.path}: tensor {name!r} was not declared in the header")
-        if name in self._written:
+        if name in self._written or name in self._rows:
             raise ValueError(f"{self.path}: tensor {name!r} written twice")
         info = self.specs[name]
         arr = np.asarray(array)
@@ -187,13 +188,39 @@ class StreamingWriter:
         self._f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
         self._written.add(name)
 
-    def close(self):
+    def write_rows(self, name: str, start: int, block: np.ndarray):
+        """Write rows ``[start, start + len(block))`` of tensor ``name`` (big tensors in pieces).
+
+        The tensor counts as written once all its rows were written exactly once."""
+        if name not in self.specs:
+            raise KeyError(f"{self.path}: tensor {name!r} was not declared in the header")
+        info = self.specs[name]
+        arr = np.asarray(block)
+        if not info.shape or arr.dtype != numpy_dtype(info.dtype) or tuple(arr.shape[1:]) != info.shape[1:] \
+                or start < 0 or start + arr.shape[0] > info.shape[0]:
+            raise ValueError(f"{self.path}: rows [{start}, {start + (arr.shape[0] if arr.ndim else 0)}) of "
+                             f"{arr.dtype}{list(arr.shape)} do not fit tensor {name!r} "
+                             f"{info.dtype}{list(info.shape)}")
+        done = self._rows.setdefault(name, np.zeros(info.shape[0], bool))
+        if done[start:start + arr.shape[0]].any():
+            raise ValueError(f"{self.path}: rows of tensor {name!r} written twice")
+        row_bytes = info.nbytes // info.shape[0]
+        self._f.seek(self._data_start + self._offsets[name] + start * row_bytes)
+        self._f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+        done[start:start + arr.shape[0]] = True
+        if done.all():
+            self._written.add(name)
+            del self._rows[name]
+
+    def close(self, allow_missing: bool = False):
+        """Finish the file. Unwritten tensors are an error (the partial file is removed) unless
+        ``allow_missing``: then they stay zero-filled holes (header-only test folders: sparse files)."""
         if self._f is None:
             return
         self._f.close()
         self._f = None
         missing = sorted(set(self.specs) - self._written)
-        if missing:
+        if missing and not allow_missing:
             os.remove(self.path)
             raise ValueError(f"{self.path}: {len(missing)} declared tensors were never written: {missing[:20]}")
 

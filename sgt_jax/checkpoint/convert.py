@@ -1,0 +1,359 @@
+"""BAGEL PyTorch weights <-> our parameters: the in-memory API and the ``import`` / ``export`` CLI modes.
+
+In memory (tests, parity checks, small models):
+  ``bagel_state_dict_to_params(state_dict, cfg_model)`` -> nested dict of fp32 numpy arrays matching
+      ``nnx.state(model, nnx.Param).to_pure_dict()`` for every Bagel parameter except the VAE.
+  ``params_to_bagel_state_dict(params, cfg_model, dtype=...)`` -> the BAGEL ``ema.safetensors`` dict
+      (exact key names and shapes of specs/bagel.md §4.2, sin-cos tables included).
+  ``vae_state_dict_to_params`` / ``params_to_vae_state_dict``: the vision engineer's converters
+      (sgt_jax/checkpoint/vision_tables.py), re-exported.
+
+Streaming, sharded (any model size; every process reads only the slices its devices own):
+  ``import_folder(source, config)`` -> (params as sharded jax.Arrays, model config, metadata)
+  ``export_folder(params, cfg_model, dest, meta)`` writes a folder the official PyTorch code loads.
+
+CLI (sgt_jax/main.py dispatches here):
+  python -m sgt_jax.main --mode import --source <BAGEL folder> --workdir <out> [--config ...]
+  python -m sgt_jax.main --mode export --workdir <run> --dest <folder> [--step N] [--weights ema|raw]
+See docs/conversion.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+
+import jax
+import ml_collections
+import numpy as np
+
+from sgt_jax.checkpoint import folder as folder_lib
+from sgt_jax.checkpoint import streaming
+from sgt_jax.checkpoint.llm_tables import heads_table, llm_table, sincos_tables, sincos_value
+from sgt_jax.checkpoint.safetensors_io import SliceReader, StreamingWriter, TensorInfo, numpy_dtype, write_all
+from sgt_jax.checkpoint.table import (ConversionError, check_keys, check_tree, expected_shapes,
+                                      flatten_paths, state_dict_to_tree, tree_to_state_dict)
+from sgt_jax.checkpoint.vit_table import vit_table
+
+log = logging.getLogger(__name__)
+
+META_FORMAT = "sgt_jax.params/1"
+
+
+def bagel_table(cfg_model) -> list:
+    """Every row of the Bagel (non-VAE) parameters: LLM, ViT, heads."""
+    return llm_table(cfg_model) + vit_table(cfg_model) + heads_table(cfg_model)
+
+
+def expected_ema_shapes(cfg_model) -> dict[str, tuple[int, ...]]:
+    """Every ``ema.safetensors`` key and shape for ``cfg_model`` (sin-cos tables included)."""
+    out = expected_shapes(bagel_table(cfg_model))
+    for key, (grid, dim) in sincos_tables(cfg_model).items():
+        out[key] = (grid * grid, dim)
+    return out
+
+
+# ---- in memory ------------------------------------------------------------------------------------
+
+
+def bagel_state_dict_to_params(state_dict: Mapping[str, np.ndarray], cfg_model, *, dtype=np.float32) -> dict:
+    """BAGEL state dict (numpy arrays, any float dtype incl. bf16) -> nested param dict (no VAE).
+
+    The sin-cos tables may be present (their shape is checked, their values ignored: we recompute
+    them) or absent. Raises ``ConversionError`` naming every missing, unexpected or mis-shaped key."""
+    actual = {k: tuple(np.shape(v)) for k, v in state_dict.items()}
+    problems = check_keys(expected_ema_shapes(cfg_model), actual, "state dict")
+    problems = [p for p in problems if not (p.startswith("missing") and any(k in p for k in sincos_tables(cfg_model)))]
+    if problems:
+        raise ConversionError(problems)
+    return state_dict_to_tree(bagel_table(cfg_model), state_dict, dtype=dtype, ignore=sincos_tables(cfg_model))
+
+
+def params_to_bagel_state_dict(params: Mapping, cfg_model, *, dtype=None) -> dict[str, np.ndarray]:
+    """Nested param dict (a ``vae`` subtree, if present, is ignored) -> BAGEL ema state dict.
+
+    ``dtype`` None keeps the params' dtype (the sin-cos tables then come as fp32); pass
+    ``ml_dtypes.bfloat16`` for the official file's dtype."""
+    tree = {k: v for k, v in params.items() if k != "vae"}
+    out = tree_to_state_dict(bagel_table(cfg_model), tree, dtype=dtype)
+    for key, (grid, dim) in sincos_tables(cfg_model).items():
+        out[key] = sincos_value(grid, dim).astype(np.float32).astype(dtype or np.float32)
+    return out
+
+
+def vae_state_dict_to_params(state_dict, cfg_vae):
+    from sgt_jax.checkpoint import vision_tables
+
+    return vision_tables.vae_state_dict_to_params(state_dict, cfg_vae)
+
+
+def params_to_vae_state_dict(params, cfg_vae):
+    from sgt_jax.checkpoint import vision_tables
+
+    return vision_tables.params_to_vae_state_dict(params, cfg_vae)
+
+
+# ---- model config, mesh ----------------------------------------------------------------------------
+
+
+def _default_config() -> ml_collections.ConfigDict:
+    from sgt_jax.configs_util import load_config
+
+    return load_config("configs/bagel_sgt.py:7b")
+
+
+def _mesh_and_rules(config):
+    from sgt_jax.parallel.mesh import logical_rules, make_mesh
+
+    return make_mesh(config.mesh), logical_rules(config)
+
+
+def abstract_params(cfg_model, mesh, rules) -> dict:
+    """Nested dict of ShapeDtypeStructs (with shardings) of the whole Bagel, VAE included; allocates nothing."""
+    from flax import nnx
+
+    from sgt_jax.models.bagel import Bagel
+    from sgt_jax.parallel.sharding import abstract_state_with_shardings
+
+    _, state, _ = abstract_state_with_shardings(lambda: Bagel(cfg_model, rngs=nnx.Rngs(0)), mesh, rules, nnx.Param)
+    return state.to_pure_dict()
+
+
+def _jsonable(x):
+    if isinstance(x, ml_collections.ConfigDict):
+        x = x.to_dict()
+    if isinstance(x, Mapping):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def model_config_from_meta(meta: Mapping) -> ml_collections.ConfigDict:
+    """The model config recorded in params_meta.json (tuples restored where the config has them)."""
+    m = ml_collections.ConfigDict(meta["model"])
+    m.vae.ch_mult = tuple(m.vae.ch_mult)
+    return m
+
+
+# ---- import ----------------------------------------------------------------------------------------
+
+
+def check_folder(fold: folder_lib.BagelFolder, cfg_model) -> None:
+    """Every header key and shape against the model (before any tensor is read); raises ``FolderError``."""
+    ema = {k: v.shape for k, v in fold.ema_header.items()}
+    problems = check_keys(expected_ema_shapes(cfg_model), ema, folder_lib.EMA_FILE)
+    from sgt_jax.checkpoint import vision_tables
+
+    try:  # FLUX or diffusers naming; lists every VAE problem in one message
+        vision_tables.check_vae_torch_shapes({k: v.shape for k, v in fold.ae_header.items()}, cfg_model.vae)
+    except ValueError as err:
+        problems.append(f"{folder_lib.AE_FILE}: {err}")
+    bad_dtype = sorted({v.dtype for v in fold.ema_header.values()} - {"BF16", "F16", "F32"})
+    if bad_dtype:
+        problems.append(f"{folder_lib.EMA_FILE}: unsupported dtypes {bad_dtype} (expected floating point)")
+    if problems:
+        raise folder_lib.FolderError(problems, fold.path)
+
+
+def import_folder(source: str, config: ml_collections.ConfigDict | None = None, *, progress: bool = True):
+    """Read a BAGEL folder into sharded parameters.
+
+    Returns ``(params, cfg_model, meta)``: ``params`` a nested dict of jax.Arrays (the Bagel param tree,
+    VAE included) sharded by ``config.mesh`` and its rules over all devices; ``cfg_model`` the inferred
+    model config; ``meta`` the JSON-able description written to params_meta.json."""
+    from tqdm import tqdm
+
+    config = config if config is not None else _default_config()
+    fold = folder_lib.open_folder(source)
+    cfg_model = folder_lib.infer_model_config(fold, config.model)
+    diff = folder_lib.architecture_diff(config.model, cfg_model)
+    if diff:
+        log.warning("architecture taken from %s, not from the config: %s", source, "; ".join(diff))
+    check_folder(fold, cfg_model)  # every name/shape problem, before any tensor is read
+
+    mesh, rules = _mesh_and_rules(config)
+    abstract = abstract_params(cfg_model, mesh, rules)
+    table = bagel_table(cfg_model)
+    check_tree(table, {k: v for k, v in abstract.items() if k != "vae"}, "the model's parameter tree")
+
+    t0 = time.time()
+    total = sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in jax.tree.leaves(abstract))
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="import", disable=not progress or jax.process_index())
+    params: dict = {}
+    with SliceReader(fold.ema_path) as reader:
+        streaming.fill_from_table(table, reader, abstract, params, progress=bar.update)
+        ema_bytes = reader.bytes_read
+    with SliceReader(fold.ae_path) as reader:  # the VAE is small and fixed-size: convert it in memory
+        ae = {k: reader.read(k) for k in sorted(reader.keys())}
+        ae_bytes = reader.bytes_read
+    vae_tree = vae_state_dict_to_params(ae, cfg_model.vae)
+    del ae
+    check_tree_vae(vae_tree, abstract["vae"])
+    params["vae"] = streaming.place_numpy(vae_tree, abstract["vae"])
+    bar.update(sum(int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize for s in jax.tree.leaves(abstract["vae"])))
+    bar.close()
+    seconds = time.time() - t0
+
+    meta = {
+        "format": META_FORMAT,
+        "model": _jsonable(cfg_model),
+        "layout": {"scan_axis": 0, "stacked": sorted("/".join(e.path) for e in table if e.layers is not None),
+                   "param_dtype": str(cfg_model.param_dtype)},
+        "source": {
+            "path": os.path.abspath(source), "kind": "bagel_folder", "vae_naming": fold.vae_naming,
+            "ema_dtype": _single_dtype(fold.ema_header), "ae_dtype": _single_dtype(fold.ae_header),
+            "llm_config": fold.llm_config, "vit_config": fold.vit_config, "extra_files": fold.extra_files,
+        },
+        "import": {"seconds": round(seconds, 3), "bytes_read_ema": ema_bytes, "bytes_read_ae": ae_bytes,
+                   "process_count": jax.process_count(), "devices": jax.device_count()},
+    }
+    return params, cfg_model, meta
+
+
+def _single_dtype(header: Mapping[str, TensorInfo]) -> str:
+    dtypes = sorted({v.dtype for v in header.values()})
+    return dtypes[0] if len(dtypes) == 1 else "mixed:" + ",".join(dtypes)
+
+
+def check_tree_vae(vae_tree, abstract_vae) -> None:
+    expected = {"/".join(p): tuple(v.shape) for p, v in flatten_paths(abstract_vae).items()}
+    actual = {"/".join(p): tuple(np.shape(v)) for p, v in flatten_paths(vae_tree).items()}
+    problems = check_keys(expected, actual, "converted VAE tree")
+    if problems:
+        raise ConversionError(problems, "converted VAE tree")
+
+
+def run_import(config, args) -> int:
+    """``--mode import``: BAGEL folder (``--source``) -> ``<workdir>/params`` + params_meta.json."""
+    from sgt_jax.checkpoint import store
+
+    if not args.source:
+        raise ValueError("--mode import needs --source <BAGEL folder>")
+    params, cfg_model, meta = import_folder(args.source, config)
+    os.makedirs(args.workdir, exist_ok=True)
+    t0 = time.time()
+    path = store.save_params(args.workdir, params, meta)
+    log.info("imported %s -> %s (read %.1f s, save %.1f s)", args.source, path, meta["import"]["seconds"],
+             time.time() - t0)
+    print(f"imported {args.source} -> {path}")
+    return 0
+
+
+# ---- export ----------------------------------------------------------------------------------------
+
+
+def export_folder(params: Mapping, cfg_model, dest: str, meta: Mapping | None = None, *,
+                  progress: bool = True) -> str:
+    """Write ``params`` (nested dict of jax or numpy arrays, VAE included) as a BAGEL folder at ``dest``:
+    ema.safetensors (bf16 unless the source was another dtype), ae.safetensors (FLUX naming),
+    llm_config.json, vit_config.json (num_layers + 1 listed) and the source's tokenizer files if the
+    source folder is still there. Only process 0 writes; every process must call this."""
+    import json
+
+    from tqdm import tqdm
+
+    meta = dict(meta or {})
+    source = meta.get("source", {})
+    table = bagel_table(cfg_model)
+    check_tree(table, {k: v for k, v in params.items() if k != "vae"}, "parameters to export")
+    writer_proc = jax.process_index() == 0
+    if writer_proc:
+        os.makedirs(dest, exist_ok=True)
+    ema_code = source.get("ema_dtype", "BF16")
+    if ema_code.startswith("mixed"):
+        ema_code = "BF16"
+    specs = streaming.table_specs(table, ema_code)
+    tables = sincos_tables(cfg_model)
+    for key, (grid, dim) in tables.items():
+        specs[key] = TensorInfo(ema_code, (grid * grid, dim))
+    total = sum(s.nbytes for s in specs.values())
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not progress or not writer_proc)
+    writer = StreamingWriter(os.path.join(dest, folder_lib.EMA_FILE), specs, {"format": "pt"}) \
+        if writer_proc else None
+    try:
+        streaming.write_table(table, params, writer, ema_code, progress=bar.update)
+        if writer is not None:
+            for key, (grid, dim) in tables.items():  # the formula, rounded like the official file
+                value = sincos_value(grid, dim).astype(np.float32).astype(numpy_dtype(ema_code))
+                writer.write(key, value)
+                bar.update(value.nbytes)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    if writer is not None:
+        writer.close()
+    bar.close()
+
+    vae = jax.tree.map(lambda x: streaming.to_host(x), dict(params["vae"]))
+    if writer_proc:
+        ae_code = source.get("ae_dtype", "F32")
+        ae_dtype = numpy_dtype("F32" if ae_code.startswith("mixed") else ae_code)
+        ae = params_to_vae_state_dict(vae, cfg_model.vae)
+        write_all(os.path.join(dest, folder_lib.AE_FILE),
+                  sorted((k, np.asarray(v).astype(ae_dtype)) for k, v in ae.items()), {"format": "pt"})
+        with open(os.path.join(dest, folder_lib.LLM_CONFIG), "w") as f:
+            json.dump(folder_lib.llm_config_json(cfg_model, source.get("llm_config")), f, indent=2)
+        with open(os.path.join(dest, folder_lib.VIT_CONFIG), "w") as f:
+            json.dump(folder_lib.vit_config_json(cfg_model, source.get("vit_config")), f, indent=2)
+        _copy_extra_files(source, dest)
+    return dest
+
+
+def _copy_extra_files(source: Mapping, dest: str) -> None:
+    """Tokenizer and other non-weight files of the source folder, when it is still reachable."""
+    src, extra = source.get("path"), source.get("extra_files") or []
+    if not extra:
+        return
+    if not src or not os.path.isdir(src):
+        log.warning("source folder %s is gone: not copying %s (copy the tokenizer files by hand)", src, extra)
+        return
+    for name in extra:
+        p = os.path.join(src, name)
+        if os.path.isfile(p) and not os.path.exists(os.path.join(dest, name)):
+            shutil.copy2(p, os.path.join(dest, name))
+
+
+def load_workdir_params(config, args):
+    """(params, cfg_model, meta) from ``<workdir>/params`` or, failing that, a training checkpoint."""
+    from sgt_jax.checkpoint import store
+
+    meta_path = os.path.join(args.workdir, store.PARAMS_META)
+    if os.path.exists(meta_path) and args.step is None:
+        meta = store.read_params_meta(args.workdir)
+        cfg_model = model_config_from_meta(meta)
+        base = config if config is not None else _default_config()
+        mesh, rules = _mesh_and_rules(base)
+        params = store.load_params(args.workdir, abstract_params(cfg_model, mesh, rules))
+        return params, cfg_model, meta
+    loader = getattr(store, "load_for_inference", None)
+    if loader is None:
+        raise FileNotFoundError(f"{args.workdir} has no imported parameters ({store.PARAMS_META}) and this "
+                                "build has no training-checkpoint reader (store.load_for_inference)")
+    if config is None:
+        raise ValueError("exporting a training checkpoint needs --config (the model it was trained with)")
+    cfg_model = config.model
+    mesh, rules = _mesh_and_rules(config)
+    params = loader(args.workdir, step=args.step, weights=args.weights,
+                    abstract_params=abstract_params(cfg_model, mesh, rules))
+    meta = {"source": {}, "model": _jsonable(cfg_model)}
+    try:
+        meta = {**store.read_params_meta(config.checkpoint.init_from), "model": _jsonable(cfg_model)} \
+            if config.checkpoint.get("init_from") else meta
+    except FileNotFoundError:
+        pass
+    return params, cfg_model, meta
+
+
+def run_export(config, args) -> int:
+    """``--mode export``: ``<workdir>/params`` (or a training checkpoint) -> BAGEL folder ``--dest``."""
+    if not args.dest:
+        raise ValueError("--mode export needs --dest <folder to write>")
+    params, cfg_model, meta = load_workdir_params(config, args)
+    export_folder(params, cfg_model, args.dest, meta)
+    print(f"exported {args.workdir} -> {args.dest}")
+    return 0

@@ -146,12 +146,14 @@ def build_stream(config, source, group: str, process_index: int, process_count: 
 
 
 def default_sources(config) -> dict:
-    """{group: source} from ``config.data.sources`` (sgt_jax/data/sources, engineer D1's factory)."""
-    from sgt_jax.data import sources as sources_mod
+    """{group: source} from ``config.data.sources`` (sgt_jax/data/sources); a VQA kind "none" is left out."""
+    from sgt_jax.data.sources import build_seg_source, build_vqa_source
 
-    if not hasattr(sources_mod, "build_sources"):
-        raise RuntimeError("sgt_jax.data.sources has no build_sources(config); pass sources= explicitly")
-    return sources_mod.build_sources(config)
+    out = {"seg": build_seg_source(config)}
+    vqa = build_vqa_source(config)
+    if vqa is not None:
+        out["vqa"] = vqa
+    return out
 
 
 class TrainIterator:

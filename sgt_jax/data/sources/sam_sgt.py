@@ -6,8 +6,9 @@
    STEM + ``.png``. (The reference replaces every "jpg" in the whole path, which breaks on paths that contain
    "jpg" elsewhere; sgt_recipe.md §6.1 item 3.) Blank lines and lines starting with '#' are ignored.
 2. Tar shards (webdataset style, read directly without extraction): every ``*.tar`` under ``root`` (sorted).
-   Members are grouped by their basename up to the first '.'; a sample is a ``<name>.jpg`` (or .jpeg) with
-   its ``<name>.png`` mask, wherever they sit inside the tar. The index (member offsets) is built once when
+   Members are grouped by their file STEM (basename without its last extension, the same rule as the
+   extracted layout); a sample is a ``<name>.jpg`` (or .jpeg) with its ``<name>.png`` mask, wherever they sit
+   inside the tar; other members are ignored. A stem seen twice in one shard keeps its last member. The index (member offsets) is built once when
    the source is created by reading only the tar headers; reads then seek straight to the member data.
 
 The masks are used as they are (already rendered); a mask whose size differs from the image is bad data
@@ -87,11 +88,9 @@ class SamSgtTarSource(Source):
                 for m in tf:
                     if not m.isfile():
                         continue
-                    base = os.path.basename(m.name)
-                    stem, dot, _ = base.partition(".")
-                    ext = os.path.splitext(base)[1].lower()
-                    kind = "image" if ext in IMAGE_EXTS else "mask" if ext == MASK_EXT else None
-                    if kind and dot:
+                    stem, ext = os.path.splitext(os.path.basename(m.name))
+                    kind = "image" if ext.lower() in IMAGE_EXTS else "mask" if ext.lower() == MASK_EXT else None
+                    if kind and stem:
                         groups.setdefault(stem, {})[kind] = (m.offset_data, m.size)
             for stem in sorted(groups):
                 g = groups[stem]

@@ -53,13 +53,19 @@ class Bagel(nnx.Module):
         self.latent_grid = model_cfg.max_latent_size
 
         self.llm = Qwen2MoT(model_cfg, rngs=rngs)
-        self.vit = SiglipNaViT(model_cfg.vit, **kw)
+        # All Bagel params are created unplaced (no mesh needed); placement comes from the logical names
+        # through jit(out_shardings) (docs/interfaces.md §3). The vision modules use
+        # nnx.with_partitioning, whose eager sharding would otherwise require a mesh here.
+        with nnx.use_eager_sharding(False):
+            self.vit = SiglipNaViT(model_cfg.vit, attention_impl=model_cfg.attention_impl,
+                                   attention_chunk=model_cfg.attention_chunk,
+                                   remat_policy=model_cfg.remat_policy, **kw)
+            self.vae = FluxVAE(model_cfg.vae, rngs=rngs) if with_vae else None
         self.connector = Connector(model_cfg.vit.hidden_size, h, **kw)
         self.time_embedder = TimestepEmbedder(h, model_cfg.timestep_freq_dim, **kw)
         self.vae2llm = Dense(self.patch_latent_dim, h, ("latent", "embed"), use_bias=True, **kw)
         self.llm2vae = Dense(h, self.patch_latent_dim, ("embed", "latent"), use_bias=True,
                              kernel_init=zeros_init, **kw)
-        self.vae = FluxVAE(model_cfg.vae, rngs=rngs) if with_vae else None
 
     # ---- embeddings (also used by inference) ----
     def embed_vit(self, patches, pos, image_id):

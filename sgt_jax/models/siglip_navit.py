@@ -34,11 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+from sgt_jax.models.remat import POLICIES as REMAT_POLICIES
+from sgt_jax.models.remat import remat
+
 ATTENTION_IMPLS = ("dense", "chunked")
 
 
@@ -180,7 +178,7 @@ class SiglipNaViT(nnx.Module):
         max_patches_per_side, layer_norm_eps).
       dtype: compute dtype (e.g. "bfloat16"); param_dtype: storage dtype of the weights.
       attention_impl / attention_chunk: "dense" or "chunked" (query blocks of ``attention_chunk``).
-      remat_policy: one of REMAT_POLICIES, applied to each scanned layer.
+      remat_policy: one of sgt_jax.models.remat.POLICIES, applied to each scanned layer (``model.remat_policy``).
     """
 
     def __init__(self, cfg_vit, *, dtype="float32", param_dtype="float32", rngs: nnx.Rngs,
@@ -188,7 +186,7 @@ class SiglipNaViT(nnx.Module):
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {attention_impl!r} unknown; choose one of {ATTENTION_IMPLS}")
         if remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy {remat_policy!r} unknown; choose one of {tuple(REMAT_POLICIES)}")
+            raise ValueError(f"remat_policy {remat_policy!r} unknown; choose one of {REMAT_POLICIES}")
         dtype, param_dtype = _as_dtype(dtype), _as_dtype(param_dtype)
         ps, g, hv = int(cfg_vit.patch_size), int(cfg_vit.max_patches_per_side), int(cfg_vit.hidden_size)
         self.patch_size, self.max_patches_per_side = ps, g
@@ -226,10 +224,7 @@ class SiglipNaViT(nnx.Module):
         def body(h, layer_state):
             return nnx.merge(graphdef, layer_state)(h, image_id), None
 
-        policy = REMAT_POLICIES[self.remat_policy]
-        if self.remat_policy != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, state)
+        x, _ = jax.lax.scan(remat(body, self.remat_policy), x, state)
         return self.post_layernorm(x)
 
 

@@ -113,6 +113,9 @@ def topology_devices(spec: TopologySpec, num_slices: int = 1) -> list:
 
     if num_slices < 1:
         raise ValueError(f"config.compile.num_slices must be >= 1, got {num_slices}")
+    # Describing a topology loads libtpu, which takes /tmp/libtpu_lockfile; any other JAX process on the
+    # host (libtpu installed) may already hold it. We run nothing on a TPU, so sharing is harmless.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=spec.libtpu_name,
                                             num_slices=num_slices, **spec.topology_kwargs())
@@ -260,12 +263,25 @@ def format_report(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def abstract_batch(config, batch_sharding) -> dict:
+    """ShapeDtypeStructs of one global batch (docs/interfaces.md §1) carrying the batch sharding; built
+    from a 1-pack padding batch of the data layout, so the keys and dtypes are exactly what the loop feeds."""
+    from sgt_jax import parallel  # noqa: PLC0415
+    from sgt_jax.data.packing import BatchLayout, empty_batch  # noqa: PLC0415
+
+    packs = int(config.data.packs_per_batch)
+    one = parallel.device_part(empty_batch(BatchLayout.from_config(config), 1))
+    shard = (lambda k: batch_sharding[k]) if isinstance(batch_sharding, dict) else (lambda k: batch_sharding)
+    return {k: jax.ShapeDtypeStruct((packs,) + v.shape[1:], v.dtype, sharding=shard(k)) for k, v in one.items()}
+
+
 def _build_train_step(config, mesh):
-    """The real train step and its abstract arguments (owner: sgt_jax/train). Returns
-    ``(jitted_step, shaped_args)`` with ShapeDtypeStructs carrying NamedShardings on ``mesh``."""
+    """The real train step (sgt_jax/train/step.py ``build_train_step``) and its abstract arguments:
+    ``(jitted_step, (abstract_state, abstract_batch))``, all ShapeDtypeStructs with NamedShardings."""
     from sgt_jax.train import step as step_lib  # noqa: PLC0415 (heavy import, only in compile mode)
 
-    return step_lib.abstract_train_step(config, mesh)
+    jitted, abstract_state, batch_sharding = step_lib.build_train_step(config, mesh)
+    return jitted, (abstract_state, abstract_batch(config, batch_sharding))
 
 
 def compile_config(config, *, devices=None, spec: TopologySpec | None = None, num_slices: int = 1,

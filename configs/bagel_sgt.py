@@ -118,7 +118,7 @@ def _data_sources(variant):
         qa_per_sample=3,
     ))
     s.records_per_shard = 2048  # --mode prepare: ArrayRecord records per shard
-    s.prepare_workers = 0 if variant == "tiny" else 8  # --mode prepare: decode processes (0 = in-process)
+    s.prepare_workers = 0 if variant == "tiny" else 8  # --mode prepare: decode threads (0 = in-process)
     return s
 
 

@@ -12,16 +12,17 @@
 * Output in ``--workdir``: ``seg-NNNNN-of-NNNNN.array_record``, ``vqa-...``, and ``prepare_report.json`` with
   counts read / written / skipped by reason (and the first few details of each reason) per family. Train on
   them with ``--config.data.sources.seg.kind=prepared --config.data.sources.seg.root=<workdir>`` (same for vqa).
-* ``config.data.sources.prepare_workers`` > 0 decodes in that many processes (order is kept).
+* ``config.data.sources.prepare_workers`` > 0 decodes in that many threads (order is kept; Pillow's JPEG/PNG
+  codecs and zlib release the GIL, so threads scale on the image work without process start-up cost).
 * If ``config.data.latents == "cached"``, ``sgt_jax.data.latent_cache.cache_latents(config, workdir)``
   (sgt_jax/data/latent_cache.py) then stores the targets' VAE posterior statistics.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
-import multiprocessing
 import os
 import time
 
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 REPORT_NAME = "prepare_report.json"
 RAW_SKIP_KINDS = ("prepared", "none")
 
-_WORKER_SOURCE = None
 
 
 def _convert(src, raw, proxy_task: str) -> dict:
@@ -47,17 +47,12 @@ def _convert(src, raw, proxy_task: str) -> dict:
     return canon
 
 
-def _worker_init(src) -> None:
-    global _WORKER_SOURCE
-    _WORKER_SOURCE = src
-
-
-def _worker_convert(args) -> tuple[dict | None, tuple[str, str] | None]:
-    i, proxy_task = args
+def _convert_index(src, i: int, proxy_task: str):
+    """(canonical, None) or (None, BadSample) for record ``i`` (exceptions other than BadSample propagate)."""
     try:
-        return _convert(_WORKER_SOURCE, _WORKER_SOURCE[i], proxy_task), None
+        return _convert(src, src[i], proxy_task), None
     except BadSample as err:
-        return None, (err.reason, err.detail)
+        return None, err
 
 
 def prepare_family(src, out_dir: str, family: str, proxy_task: str, records_per_shard: int,
@@ -69,22 +64,23 @@ def prepare_family(src, out_dir: str, family: str, proxy_task: str, records_per_
     bar = tqdm(total=n, desc=f"prepare {family} ({src.name})", unit="rec", disable=not progress)
     t0 = time.time()
     try:
-        if workers > 0:
-            ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(workers, initializer=_worker_init, initargs=(src,)) as pool:
-                for canon, bad in pool.imap(_worker_convert, ((i, proxy_task) for i in range(n)), chunksize=8):
-                    if bad is None:
-                        counter.add_ok()
-                        writer.write(canon)
-                    else:
-                        counter.add_skip(BadSample(*bad))
-                    bar.update(1)
-        else:
-            for i in range(n):
-                canon = counter.call(_convert, src, src[i], proxy_task)
-                if canon is not None:
+        pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 0 else None
+        window = max(1, workers) * 16  # records in flight: bounds memory, keeps the output order
+        for start in range(0, n, window):
+            idx = range(start, min(n, start + window))
+            if pool is not None:
+                results = pool.map(lambda i: _convert_index(src, i, proxy_task), idx)
+            else:
+                results = (_convert_index(src, i, proxy_task) for i in idx)
+            for canon, bad in results:
+                if bad is None:
+                    counter.add_ok()
                     writer.write(canon)
+                else:
+                    counter.add_skip(bad)
                 bar.update(1)
+        if pool is not None:
+            pool.shutdown()
     finally:
         bar.close()
         shards = writer.close()

@@ -231,6 +231,8 @@ def test_prepared_roundtrip_and_grain(sam_tree, tmp_path):
         np.testing.assert_array_equal(s["image"], direct[s["key"]]["image"])
         np.testing.assert_array_equal(s["target"], direct[s["key"]]["image"])
     seg = sources.PreparedSource(str(tmp_path / "prep"), "seg")
+    seg.decode(seg[1])  # opens a reader; the pickled copy (a Grain worker) must open its own
+    seg = pickle.loads(pickle.dumps(seg))
     for i in range(2):
         s = seg.decode(seg[i])
         np.testing.assert_array_equal(s["target"], direct[s["key"]]["target"])

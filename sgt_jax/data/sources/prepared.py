@@ -1,14 +1,17 @@
 """Reads the ArrayRecord shards written by ``--mode prepare`` (sgt_jax/data/arrayrecord_io.py).
 
-Random access through ``grain.sources.ArrayRecordDataSource`` (one global index over all shards), records
-decoded with the shared canonical decode, so a prepared SAM/SA-1B/COCO sample equals the one decoded from
+Random access over all shards with one global index (``array_record`` readers opened lazily, one set per
+process, so the source pickles cheaply into Grain workers and does not import Grain itself), records decoded with the shared canonical decode, so a prepared SAM/SA-1B/COCO sample equals the one decoded from
 the raw files. The proxy task is applied at read time: prepared shards hold the segmentation targets and
 serve every proxy.
 """
 
 from __future__ import annotations
 
-from grain.sources import ArrayRecordDataSource
+import bisect
+import os
+
+from array_record.python.array_record_module import ArrayRecordReader
 
 from sgt_jax.data.arrayrecord_io import find_shards, unpack_record
 from sgt_jax.data.sources.base import Source
@@ -22,14 +25,31 @@ class PreparedSource(Source):
         self.family = family
         self.name = f"prepared_{family}"
         self.shards = find_shards(root, family)
-        self._ds = ArrayRecordDataSource(self.shards)
+        self._starts = [0]  # global index of each shard's first record, then the total
+        for path in self.shards:
+            r = ArrayRecordReader(path)
+            self._starts.append(self._starts[-1] + r.num_records())
+            r.close()
+        self._readers: dict[int, ArrayRecordReader] = {}
+        self._pid = None
         self._finish_init()
 
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_readers"], d["_pid"] = {}, None  # readers are per process
+        return d
+
     def _num_items(self) -> int:
-        return len(self._ds)
+        return self._starts[-1]
 
     def _get(self, j: int) -> bytes:
-        return self._ds[j]
+        if self._pid != os.getpid():
+            self._readers, self._pid = {}, os.getpid()
+        sid = bisect.bisect_right(self._starts, j) - 1
+        reader = self._readers.get(sid)
+        if reader is None:
+            reader = self._readers[sid] = ArrayRecordReader(self.shards[sid], "readahead_buffer_size:0")
+        return reader.read([j - self._starts[sid]])[0]
 
     def canonical(self, raw: bytes) -> dict:
         return unpack_record(raw)

@@ -74,6 +74,18 @@ def chip(name: str) -> Chip:
     return CHIPS[key]
 
 
+# jax ``device.device_kind`` strings (as libtpu reports them) -> chip. v5p reports "TPU v5", v5e
+# "TPU v5 lite", v6e "TPU v6 lite" (checked against abstract devices in tests/unit/test_compile.py).
+_DEVICE_KINDS = {"tpu v4": "v4", "tpu v5": "v5p", "tpu v5p": "v5p", "tpu v5 lite": "v5e", "tpu v5e": "v5e",
+                 "tpu v6 lite": "v6e", "tpu v6e": "v6e"}
+
+
+def chip_from_device_kind(device_kind: str) -> Chip | None:
+    """The chip of a jax device (``jax.devices()[0].device_kind``), or None when it is not a known TPU."""
+    key = _DEVICE_KINDS.get(device_kind.strip().lower())
+    return CHIPS[key] if key else None
+
+
 def mfu(flops_per_step: float, step_time_s: float, n_devices: int, peak_flops: float | str) -> float:
     """Model FLOPs utilisation: ``flops_per_step / (step_time · n_devices · peak)``.
 

@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sgt_jax import compile as C
 from sgt_jax.configs_util import load_config
+from sgt_jax.train import flops as flops_lib
 
 
 @pytest.mark.parametrize("name, libtpu_name, chips, hosts, chip", [
@@ -84,9 +85,12 @@ def libtpu():
 
 
 def test_topology_devices(libtpu):
-    for name, n in (("v5p-16", 8), ("v4-32", 16)):
-        devs = C.topology_devices(C.parse_topology(name))
+    for name, n in (("v5p-16", 8), ("v4-32", 16), ("v5litepod-4", 4), ("v6e-4", 4)):
+        spec = C.parse_topology(name)
+        devs = C.topology_devices(spec)
         assert len(devs) == n and devs[0].platform == "tpu"
+        # MFU in the training loop finds the chip from the device kind libtpu reports
+        assert flops_lib.chip_from_device_kind(devs[0].device_kind) == spec.chip, devs[0].device_kind
     assert len(C.topology_devices(C.parse_topology("v5p-8"), num_slices=2)) == 8
 
 

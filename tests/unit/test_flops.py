@@ -138,6 +138,8 @@ def test_mfu_and_chips():
     assert F.tflops_per_device(8e12, 2.0, 4) == pytest.approx(1.0)
     assert F.chip("v5litepod").peak_bf16_flops == 197e12
     assert F.chip("v6e").peak_bf16_flops == 918e12 and F.chip("v4").peak_bf16_flops == 275e12
+    assert F.chip_from_device_kind("TPU v5") is F.CHIPS["v5p"] and F.chip_from_device_kind("cpu") is None
+    assert F.chip_from_device_kind("TPU v6 lite").name == "v6e"
     with pytest.raises(ValueError, match="unknown TPU chip"):
         F.chip("v3")
     with pytest.raises(ValueError, match="must be > 0"):

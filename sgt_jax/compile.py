@@ -203,15 +203,18 @@ def traced_flops(fn: Callable, *args) -> int:
 _OOM = re.compile(r"RESOURCE_EXHAUSTED|Ran out of memory|exceeds available HBM|out of memory", re.I)
 
 
-def compile_and_analyse(jitted, args: tuple, *, hbm_bytes: int) -> dict[str, Any]:
+def compile_and_analyse(jitted, args: tuple, *, hbm_bytes: int, progress: Callable[[str], None] = lambda m: None
+                        ) -> dict[str, Any]:
     """Lower + compile ``jitted(*args)``; return per-device memory, XLA FLOPs and a fits verdict.
 
     An out-of-memory compile error is a result (``fits: False`` with the compiler's message), any other
     error propagates.
     """
     t0 = time.time()
+    progress("lowering the train step")
     lowered = jitted.lower(*args)
     t_lower = time.time() - t0
+    progress(f"lowered in {t_lower:.1f}s; compiling with the TPU compiler (minutes for 7B)")
     try:
         compiled = lowered.compile()
     except Exception as err:  # noqa: BLE001 - only OOM is a verdict, the rest re-raises
@@ -285,8 +288,10 @@ def _build_train_step(config, mesh):
 
 
 def compile_config(config, *, devices=None, spec: TopologySpec | None = None, num_slices: int = 1,
-                   builder: Callable | None = None) -> dict[str, Any]:
-    """Compile ``config``'s train step over ``devices`` and return the report dict (no printing)."""
+                   builder: Callable | None = None, progress: Callable[[str], None] = lambda m: None
+                   ) -> dict[str, Any]:
+    """Compile ``config``'s train step over ``devices`` and return the report dict; ``progress`` gets
+    one-line status messages (compile mode prints them)."""
     from sgt_jax.parallel import mesh as mesh_lib
 
     if spec is None:
@@ -297,13 +302,15 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
     budgets = flops_lib.budgets_from_config(config)
     packs = int(config.data.packs_per_batch)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
+    progress(f"{spec.name}: {n} abstract devices, mesh {dict(mesh.shape)}; building the abstract train state")
     jitted, args = (builder or _build_train_step)(config, mesh)
     report = {"topology": spec.name, "libtpu_topology": spec.libtpu_name, "num_chips": spec.num_chips,
               "num_slices": num_slices, "num_devices": n, "hosts": spec.hosts * num_slices,
               "chip": spec.chip.name, "chip_peak_bf16_flops": spec.chip.peak_bf16_flops,
               "mesh": dict(mesh.shape), "packs_per_step": packs, "tokens_per_pack": budgets.tokens,
               "tokens_per_chip": packs * budgets.tokens / n, "variant": config.get("variant", "")}
-    report.update(compile_and_analyse(jitted, args, hbm_bytes=spec.chip.hbm_bytes))
+    report.update(compile_and_analyse(jitted, args, hbm_bytes=spec.chip.hbm_bytes, progress=progress))
+    progress("counting the traced program's FLOPs")
     frozen = [k for k, v in dict(config.train.get("freeze", {})).items() if v]
     analytic = flops_lib.step_flops(config.model, budgets, packs=packs, frozen=_flops_frozen(frozen),
                                     vae_online=config.data.get("latents", "cached") == "online")
@@ -354,7 +361,8 @@ def run(config, args) -> int:
                          "v5litepod-64, v6e-64")
     jax.config.update("jax_platforms", "cpu")  # the host backend; TPU devices are abstract
     spec, num_slices = _apply_compile_overrides(config)
-    report = compile_config(config, spec=spec, num_slices=num_slices)
+    report = compile_config(config, spec=spec, num_slices=num_slices,
+                            progress=lambda m: print(f"[compile] {m}", flush=True))
     text = format_report(report)
     print(text, flush=True)
     os.makedirs(args.workdir, exist_ok=True)

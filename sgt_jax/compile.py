@@ -220,7 +220,7 @@ def compile_and_analyse(jitted, args: tuple, *, hbm_bytes: int, progress: Callab
     except Exception as err:  # noqa: BLE001 - only OOM is a verdict, the rest re-raises
         if not _OOM.search(str(err)):
             raise
-        return {"fits": False, "oom_message": str(err).strip().splitlines()[0][:2000],
+        return {"fits": False, "oom_message": str(err).strip().splitlines()[0][:2000], "hbm_bytes": hbm_bytes,
                 "lower_s": t_lower, "compile_s": time.time() - t0 - t_lower}
     t_compile = time.time() - t0 - t_lower
     mem = compiled.memory_analysis()

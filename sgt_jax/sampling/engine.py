@@ -111,9 +111,12 @@ class Engine:
         self.model = model
         self.graphdef, self.state = nnx.split(model)
         self.latent_dim = model.patch_latent_dim
-        self._append = jax.jit(functools.partial(_append_fn, self.graphdef), static_argnames=("return_probs",))
-        self._decode = jax.jit(functools.partial(_decode_fn, self.graphdef), static_argnames=("greedy",))
-        self._velocity = jax.jit(functools.partial(_velocity_fn, self.graphdef))
+        # Module-level jitted functions with the graphdef as a static argument: every Engine of the same
+        # architecture in a process shares one compilation cache.
+        self._append = functools.partial(_append_jit, self.graphdef)
+        self._decode = functools.partial(_decode_jit, self.graphdef)
+        self._velocity = functools.partial(_velocity_jit, self.graphdef)
+        self._query_probs = functools.partial(_velocity_jit, self.graphdef, return_probs=True)
 
     # ---- prefill ----
     def append(self, ctx: Context, block: dict, *, rope_advance: int, return_probs: bool = False):
@@ -160,6 +163,14 @@ class Engine:
         return self._velocity(self.state, cache, arrays, meta, rope, jnp.asarray(x, jnp.float32),
                               jnp.float32(t))
 
+    def query_probs(self, ctx: Context, block: dict, x, t):
+        """Attention probabilities ``[L, 1, Hq, T, S+T]`` (fp32, dense path) of the latent query block
+        against [``ctx`` cache ‖ block] at latents ``x`` and timestep ``t`` (for the analyses)."""
+        meta, rope = block_meta(block, ctx)
+        arrays = {k: v for k, v in block.items() if isinstance(v, np.ndarray)}
+        return self._query_probs(self.state, stack_contexts([ctx]), arrays, meta, rope,
+                                 jnp.asarray(x, jnp.float32), jnp.float32(t))
+
 
 def block_meta(block: dict, ctx: Context) -> tuple[TokenMeta, jax.Array]:
     """Attention metadata and RoPE positions ``[1, T]`` of a block appended to ``ctx``.
@@ -205,12 +216,19 @@ def _decode_fn(graphdef, state, cache, token, scal, key, temperature, top_p, gre
     return logits, nxt, _write(cache, new, length)
 
 
-def _velocity_fn(graphdef, state, cache, arrays, meta, rope, x, t):
+def _velocity_fn(graphdef, state, cache, arrays, meta, rope, x, t, return_probs=False):
     model = nnx.merge(graphdef, state)
     b = cache.k.shape[1]
     arrays = {k: jnp.broadcast_to(v, (b,) + v.shape[1:]) for k, v in arrays.items() if k != "latents"}
     z = arrays["latent_pos"].shape[1]
     x_t = jnp.broadcast_to(x[None], (b,) + x.shape)
     emb, u = _embed(model, arrays, x_t, jnp.full((b, z), t, jnp.float32))
-    h, _, _ = model.llm(emb, meta, rope, num_und=u, kv_cache=cache)
+    h, _, probs = model.llm(emb, meta, rope, num_und=u, kv_cache=cache, return_probs=return_probs)
+    if return_probs:
+        return probs
     return model.llm2vae(h[:, u:]).astype(jnp.float32)
+
+
+_append_jit = jax.jit(_append_fn, static_argnums=(0,), static_argnames=("return_probs",))
+_decode_jit = jax.jit(_decode_fn, static_argnums=(0,), static_argnames=("greedy",))
+_velocity_jit = jax.jit(_velocity_fn, static_argnums=(0,), static_argnames=("return_probs",))

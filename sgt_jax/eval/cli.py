@@ -1,0 +1,259 @@
+"""``--mode segment`` and ``--mode evaluate`` (commands in docs/inference.md).
+
+segment: image + instruction -> generated colour map -> instance masks -> scores vs ground truth.
+  Items: ``--image`` files (no ground truth: maps and overlays only), else ``config.segment.source``:
+  "synthetic" (held-out shapes-world scenes from ``segment.start_index``) or "data" (the records of
+  ``config.data.sources.seg``, root overridden by ``--input``; ground truth = the rendered target's
+  colours, exact for our renders of SA-1B / COCO panoptic / synthetic). Writes into
+  ``<workdir>/segment/``: ``<id>_input.png``, ``<id>_pred.png`` (generated map, with settings),
+  ``<id>_overlay.png``, ``results.jsonl``, ``results.csv`` and ``summary.json``.
+evaluate: ``config.evaluate.kind`` = mcq (``--input`` benchmark file/folder) | geneval (``--input``
+  evaluation_metadata.jsonl) | probe (``--input`` folder of class sub-folders or JSONL {image, label};
+  none: the shapes world labelled by its largest shape's kind) | attention (``--input`` JSONL of
+  {image, question} and/or {prompt}; none: shapes-world questions and captions). Outputs under
+  ``<workdir>/evaluate/<kind>/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import time
+
+import numpy as np
+
+from sgt_jax.eval import seg_metric
+from sgt_jax.sampling.cli import generate_one, load_image, make_inferencer, save_png
+
+EVAL_KINDS = ("mcq", "geneval", "probe", "attention")
+SEG_SOURCES = ("synthetic", "data")
+
+
+def colour_map_labels(target: np.ndarray, background=(0, 0, 0)) -> np.ndarray:
+    """Exact instance labels of a rendered colour map: each distinct non-background colour is one id."""
+    packed = target.reshape(-1, 3).astype(np.int64) @ np.array([65536, 256, 1])
+    bg = background[0] * 65536 + background[1] * 256 + background[2]
+    colours, inv = np.unique(packed, return_inverse=True)
+    ids = np.where(colours == bg, 0, np.cumsum(colours != bg))
+    return ids[inv.reshape(-1)].reshape(target.shape[:2]).astype(np.int32)
+
+
+def _segment_items(config, args):
+    """(id, image uint8, ground-truth labels or None) for the run."""
+    s = config.segment
+    if args.images:
+        return [(os.path.splitext(os.path.basename(p))[0], load_image(p), None) for p in args.images]
+    if s.source not in SEG_SOURCES:
+        raise ValueError(f"config.segment.source must be one of {SEG_SOURCES}, got {s.source!r}")
+    n = int(s.num_images)
+    if s.source == "synthetic":
+        from sgt_jax.data import synthetic
+
+        world = synthetic.WorldConfig.from_config(config.data.sources.synthetic)
+        out = []
+        for i in range(int(s.start_index), int(s.start_index) + n):
+            scene = synthetic.make_scene(world, i)
+            image, target, _ = synthetic.render_scene(scene)
+            out.append((scene.key, image, colour_map_labels(target)))
+        return out
+    from sgt_jax.data.records import BadSample
+    from sgt_jax.data.sources import build_seg_source
+
+    src = build_seg_source(config, root_override=args.input)
+    out, skipped = [], 0
+    for i in range(len(src)):
+        if len(out) >= n:
+            break
+        try:
+            rec = src.decode(src[i])
+        except BadSample:
+            skipped += 1
+            continue
+        out.append((rec["key"], rec["image"], colour_map_labels(rec["target"])))
+    if skipped:
+        print(f"segment: skipped {skipped} bad record(s)")
+    return out
+
+
+def run_segment(config, args):
+    from tqdm import tqdm
+
+    from sgt_jax.data.transforms import resize
+
+    s = config.segment
+    params = seg_metric.ClusterParams(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+                                         for k, v in s.cluster.items()}).validate()
+    items = _segment_items(config, args)
+    inf = make_inferencer(config, args)
+    instruction = args.prompt or s.instruction
+    out_dir = os.path.join(args.workdir, "segment")
+    os.makedirs(out_dir, exist_ok=True)
+    rows = []
+    t0 = time.time()
+    with open(os.path.join(out_dir, "results.jsonl"), "w") as f:
+        for k, (key, image, gt) in enumerate(tqdm(items, desc="segment")):
+            seed = int(config.generate.seed) + k
+            pred, info = generate_one(inf, config, instruction, [image], seed,
+                                      image_condition=str(s.image_condition), vit_transform=tuple(s.vit_transform))
+            h, w = pred.shape[:2]
+            shown = resize(image, w, h)
+            save_png(shown, os.path.join(out_dir, f"{key}_input.png"), dict(key=key))
+            save_png(pred, os.path.join(out_dir, f"{key}_pred.png"), dict(info, key=key))
+            labels = seg_metric.colour_map_to_instances(pred, params)
+            row = dict(key=key, height=h, width=w, seed=seed, num_pred=int(labels.max()))
+            if gt is not None:
+                gt_r = resize(np.repeat(gt[..., None], 3, -1).astype(np.uint8), w, h, nearest=True)[..., 0] \
+                    if gt.max() < 256 else _resize_labels(gt, w, h)
+                metrics = seg_metric.match_instances(gt_r, labels, float(s.iou_threshold))
+                row.update({k_: v for k_, v in metrics.items() if k_ != "matches"}, matches=metrics["matches"])
+            if s.save_overlays:
+                save_png(seg_metric.overlay(shown, labels), os.path.join(out_dir, f"{key}_overlay.png"), dict(key=key))
+            rows.append(row)
+            f.write(json.dumps(row) + "\n")
+    cols = ["key", "height", "width", "seed", "num_pred", "num_gt", "miou", "precision", "recall", "f1", "fg_iou"]
+    with open(os.path.join(out_dir, "results.csv"), "w", newline="") as f:
+        wr = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        wr.writeheader()
+        wr.writerows(rows)
+    scored = [r for r in rows if "miou" in r]
+    summary = dict(n=len(rows), n_scored=len(scored), instruction=instruction, seconds=time.time() - t0,
+                   cluster=dict(params.__dict__), iou_threshold=float(s.iou_threshold))
+    for m in ("miou", "precision", "recall", "f1", "fg_iou"):
+        if scored:
+            summary[m] = float(np.mean([r[m] for r in scored]))
+    with open(os.path.join(out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2, default=str)
+    print("segment: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                                  for k, v in summary.items() if k != "cluster") + f" -> {out_dir}")
+    return summary
+
+
+def _resize_labels(labels: np.ndarray, w: int, h: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(labels.astype(np.int32)).resize((w, h), Image.Resampling.NEAREST))
+
+
+# ---------------------------------------------------------------------------------------------------
+def _probe_set(config, args):
+    """(images, labels) for the probe."""
+    n = int(config.analysis.probe_num_images)
+    if args.input and os.path.isdir(args.input):
+        images, labels = [], []
+        for cls in sorted(d for d in os.listdir(args.input) if os.path.isdir(os.path.join(args.input, d))):
+            for p in sorted(glob.glob(os.path.join(args.input, cls, "*")))[: max(1, n // 2)]:
+                images.append(load_image(p))
+                labels.append(cls)
+        return images, np.asarray(labels)
+    if args.input:
+        base = os.path.dirname(os.path.abspath(args.input))
+        images, labels = [], []
+        with open(args.input) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    p = r["image"] if os.path.isabs(r["image"]) else os.path.join(base, r["image"])
+                    images.append(load_image(p))
+                    labels.append(str(r["label"]))
+        return images, np.asarray(labels)
+    from sgt_jax.data import synthetic
+
+    world = synthetic.WorldConfig.from_config(config.data.sources.synthetic)
+    images, labels = [], []
+    for i in range(n):
+        scene = synthetic.make_scene(world, 200_000 + i)
+        images.append(synthetic.render_scene(scene)[0])
+        labels.append(max(scene.shapes, key=lambda s_: s_.r).kind)
+    return images, np.asarray(labels)
+
+
+def _attention_set(config, args):
+    n = int(config.analysis.attn_num_prompts)
+    vision, prompts = [], []
+    if args.input:
+        base = os.path.dirname(os.path.abspath(args.input))
+        with open(args.input) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                r = json.loads(line)
+                if r.get("image") and r.get("question"):
+                    p = r["image"] if os.path.isabs(r["image"]) else os.path.join(base, r["image"])
+                    vision.append((load_image(p), r["question"]))
+                if r.get("prompt"):
+                    prompts.append(r["prompt"])
+        return vision[:n], prompts[:n]
+    from sgt_jax.data import synthetic
+
+    world = synthetic.WorldConfig.from_config(config.data.sources.synthetic)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        scene = synthetic.make_scene(world, 300_000 + i)
+        image = synthetic.render_scene(scene)[0]
+        vision.append((image, synthetic.questions(scene, rng)[0][1]))
+        prompts.append(synthetic.caption(scene))
+    return vision, prompts
+
+
+def run_evaluate(config, args):
+    e = config.evaluate
+    if e.kind not in EVAL_KINDS:
+        raise ValueError(f"config.evaluate.kind must be one of {EVAL_KINDS}, got {e.kind!r}")
+    if e.kind in ("mcq", "geneval") and not args.input:
+        raise ValueError(f"--mode evaluate with evaluate.kind={e.kind} needs --input (the benchmark file)")
+    out_dir = os.path.join(args.workdir, "evaluate", e.kind)
+    limit = int(e.limit) or None
+    inf = make_inferencer(config, args)
+    u, g, a = config.understand, config.generate, config.analysis
+    if e.kind == "mcq":
+        from sgt_jax.eval import mcq
+
+        questions = mcq.load_benchmark(args.input)[:limit]
+        answer = lambda image, prompt: inf.understand(  # noqa: E731
+            [image], prompt, max_new_tokens=int(e.mcq_max_new_tokens), vit_transform=tuple(u.vit_transform),
+            cache_bucket=int(u.cache_bucket))
+        result = mcq.run_mcq(questions, answer, out_dir, suffix=str(e.mcq_suffix))
+        print(f"mcq: n={result['n']} overall={result['overall']:.4f} macro={result['macro']:.4f} "
+              f"unparsed={result['unparsed']} -> {out_dir}")
+        return result
+    if e.kind == "geneval":
+        from sgt_jax.eval import geneval
+
+        result = geneval.run_geneval(args.input, out_dir, lambda p, s: generate_one(inf, config, p, [], s),
+                                     n_per_prompt=int(e.geneval_n_per_prompt), seed=int(g.seed), limit=limit)
+        print(f"geneval: {result}")
+        return result
+    if e.kind == "probe":
+        from tqdm import tqdm
+
+        from sgt_jax.eval.features import FeatureExtractor
+        from sgt_jax.eval.probe import probe_report
+
+        images, labels = _probe_set(config, args)
+        fx = FeatureExtractor(inf, tuple(u.vit_transform), tuple(a.probe_llm_layers))
+        feats = {n_: [] for n_ in fx.names()}
+        for img in tqdm(images, desc="features"):
+            for n_, v in fx(img).items():
+                feats[n_].append(v)
+        result = probe_report({n_: np.stack(v) for n_, v in feats.items()}, labels, out_dir,
+                              test_fraction=float(a.probe_test_fraction), c=float(a.probe_c),
+                              projection=str(a.probe_projection))
+        print("probe: " + ", ".join(f"{n_}={r['test_accuracy']:.3f}" for n_, r in result.items())
+              + f" (chance {next(iter(result.values()))['chance']:.3f}) -> {out_dir}")
+        return result
+    from sgt_jax.eval.attention_analysis import attention_report
+    from sgt_jax.eval.lexicon import load_lexicon
+
+    vision, prompts = _attention_set(config, args)
+    result = attention_report(
+        inf, vision, prompts, out_dir, lexicon=load_lexicon(str(a.lexicon)), vit_transform=tuple(u.vit_transform),
+        gen_settings=dict(height=int(g.height), width=int(g.width), num_timesteps=int(g.num_timesteps),
+                          timestep_shift=float(g.timestep_shift),
+                          step_fractions=tuple(a.attn_gen_step_fractions), seed=int(g.seed)))
+    if "word_attention" in result:
+        print("attention: word shares " + ", ".join(f"{k}={v:.3f}" for k, v in
+                                                    result["word_attention"]["mean_shares"].items()))
+    print(f"attention -> {out_dir}")
+    return result

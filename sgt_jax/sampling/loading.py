@@ -1,0 +1,72 @@
+"""Load a BAGEL model for inference from a workdir, straight into its shardings.
+
+Where the weights come from (first that exists):
+  1. ``<workdir>/checkpoints/<step>``: a training checkpoint; ``--step`` picks one (default latest),
+     ``--weights ema|raw`` which copy (``store.load_for_inference``);
+  2. ``<workdir>/params``: imported (or saved) parameters (``store.load_params``);
+  3. ``config.checkpoint.init_from`` naming a workdir with (2).
+Anything else is an error naming the paths tried. Nothing is materialised on one host: the model is
+built abstractly (``nnx.eval_shape``), every parameter gets the NamedSharding its logical axis names map
+to under ``config.mesh.rules``, and Orbax restores each shard onto its device.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+from flax import nnx
+
+from sgt_jax.checkpoint import store
+
+
+def abstract_model_and_params(config):
+    """(abstract Bagel, pure-dict of ShapeDtypeStructs with shardings, mesh)."""
+    from sgt_jax.models.bagel import Bagel
+    from sgt_jax.parallel.mesh import logical_rules, make_mesh
+    from sgt_jax.parallel.sharding import state_shardings
+
+    mesh = make_mesh(config.mesh)
+    rules = logical_rules(config)
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: Bagel(config.model, rngs=nnx.Rngs(0)))
+    params = nnx.state(abstract, nnx.Param)
+    shardings = state_shardings(params, mesh, rules).to_pure_dict()
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          params.to_pure_dict(), shardings)
+    return abstract, target, mesh
+
+
+def _has_training_checkpoints(workdir: str) -> bool:
+    d = store.checkpoint_dir(workdir)
+    return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
+
+
+def load_model(config, workdir: str, step: int | None = None, weights: str = "ema"):
+    """The Bagel of ``config.model`` with the weights found in ``workdir`` (see the module docstring).
+
+    Returns (model, description of the source)."""
+    abstract, target, _ = abstract_model_and_params(config)
+    init_from = config.checkpoint.get("init_from", "") if "checkpoint" in config else ""
+    if _has_training_checkpoints(workdir):
+        pure = store.load_for_inference(workdir, step, weights, abstract_params=target)
+        source = f"{store.checkpoint_dir(workdir)} step {step if step is not None else 'latest'} ({weights})"
+    elif step is not None:
+        raise FileNotFoundError(f"--step={step} given but {store.checkpoint_dir(workdir)} holds no checkpoints")
+    else:
+        tried = [os.path.join(workdir, store.PARAMS_DIR)]
+        src = workdir
+        if not os.path.isdir(tried[0]) and init_from and os.path.isdir(os.path.join(init_from, store.PARAMS_DIR)):
+            src = init_from
+        if not os.path.isdir(os.path.join(src, store.PARAMS_DIR)):
+            if init_from:
+                tried.append(os.path.join(init_from, store.PARAMS_DIR))
+            raise FileNotFoundError(
+                f"no weights to load: no training checkpoints in {store.checkpoint_dir(workdir)} and no "
+                f"imported parameters at {' or '.join(tried)} (run --mode import or train first)")
+        pure = store.load_params(src, target)
+        source = os.path.join(src, store.PARAMS_DIR)
+    state = nnx.state(abstract, nnx.Param)
+    state.replace_by_pure_dict(pure)
+    model = nnx.merge(nnx.graphdef(abstract), state)
+    return model, source

@@ -248,6 +248,12 @@ def test_build_from_config(tiny_config, sam_tree):
     assert len(seg) == cfg.data.sources.synthetic.num_samples
     a, b = seg.decode(seg[1]), vqa.decode(vqa[1])
     np.testing.assert_array_equal(a["image"], b["images"][0])  # same scene for the same index
+    cfg.data.proxy_task = "inpainting"
+    inp = sources.build_seg_source(cfg).decode(seg[1])
+    assert inp["task"] == "inpaint"
+    np.testing.assert_array_equal(inp["target"], a["image"])
+    assert not np.array_equal(inp["image"], a["image"])
+    cfg.data.proxy_task = "segmentation"
     cfg.data.sources.seg.kind = "sam_sgt"
     cfg.data.sources.seg.list_file = "list.txt"
     assert len(sources.build_seg_source(cfg, root_override=str(root))) == 2

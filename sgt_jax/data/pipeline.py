@@ -54,23 +54,14 @@ class PlanFn:
         self.text_dropout = float(config.data.text_cond_dropout)
         if not 0.0 <= self.text_dropout <= 1.0:
             raise ValueError(f"config.data.text_cond_dropout must be in [0, 1], got {self.text_dropout}")
-        self.latent_cache_path = config.data.latent_cache
-        if self.layout.latents == "cached" and not self.latent_cache_path:
-            raise ValueError("config.data.latents='cached' needs config.data.latent_cache (the folder written by "
-                             "--mode prepare); use latents='online' to encode in the step instead")
-        self._cache = None
-
-    def _latents(self):
-        if self._cache is None:
+        self.latents = None
+        if self.layout.latents == "cached":
+            if not config.data.latent_cache:
+                raise ValueError("config.data.latents='cached' needs config.data.latent_cache (the folder written "
+                                 "by --mode prepare); use latents='online' to encode in the step instead")
             from sgt_jax.data.latent_cache import LatentCache
 
-            self._cache = LatentCache(self.latent_cache_path)
-        return self._cache
-
-    def __getstate__(self):
-        d = dict(self.__dict__)
-        d["_cache"] = None  # each worker opens its own readers
-        return d
+            self.latents = LatentCache(config.data.latent_cache, config)  # checks the index now, reads lazily
 
     def __call__(self, position: int, raw) -> dict:
         try:
@@ -88,12 +79,12 @@ class PlanFn:
             else:
                 plan = plans.vqa_plan(sample, self.tok, self.tfm)
             plans.check_budget(plan, self.layout.budget)
-            if self.layout.latents == "cached":
-                self._latents().attach(plan)
+            if self.latents is not None:
+                self.latents.attach(plan)
         except BadSample as err:
             return {"skip": err.reason, "detail": err.detail, "index": position}
         plan["index"] = position
-        if self.layout.latents == "cached":
+        if self.latents is not None:
             plan["vae_images"] = []  # the pixels are not needed any more (smaller IPC)
         return plan
 
@@ -108,6 +99,10 @@ class Stream:
 
     def _iterator(self):
         if self._it is None and self.workers > 0:
+            from absl import flags
+
+            if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (env.md); outside absl.app
+                flags.FLAGS.mark_as_parsed()  # (tests, notebooks) use the flag defaults
             it_ds = self.ds[self.pos:].to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
             it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
                                                                    per_worker_buffer_size=self.worker_buffer))
@@ -116,7 +111,7 @@ class Stream:
 
     def next(self) -> dict:
         it = self._iterator()
-        el = next(it) if it is not None else self.ds[self.pos]
+        el = _own(next(it)) if it is not None else self.ds[self.pos]
         if el["index"] != self.pos:
             raise RuntimeError(f"stream out of step: got position {el['index']}, expected {self.pos}")
         self.pos += 1
@@ -133,6 +128,15 @@ class Stream:
         it, self._it = self._it, None
         if it is not None and hasattr(it, "close"):
             it.close()
+
+
+def _own(el: dict) -> dict:
+    """Plain numpy copies of a worker's element (Grain hands large arrays over in shared memory, whose
+    lifetime must not be tied to carried samples)."""
+    out = {k: np.array(v) if isinstance(v, np.ndarray) else v for k, v in el.items()}
+    if "vae_images" in out:
+        out["vae_images"] = [np.array(v) for v in out["vae_images"]]
+    return out
 
 
 def build_stream(config, source, group: str, process_index: int, process_count: int, tokenizer=None) -> Stream:

@@ -142,16 +142,23 @@ def sgt_plan(sample: dict, instruction: str, tok, tfm: Transforms, *, drop_text:
     task, key = sample["task"], sample["key"]
     if task not in records.SEG_TASKS:
         raise BadSample("bad_record", f"{key}: sgt_plan needs a segmentation-family task, got {task!r}")
-    image, target = sample["image"], sample["target"]
+    image = sample["image"]
     h, w = image.shape[:2]
     b = _PlanBuilder(tok, tfm)
     vw, vh = tfm.sgt_vit.output_size(w, h)
     b.vit(resize(image, vw, vh))
     if not drop_text:  # a dropped text split is skipped without advancing RoPE (specs/bagel.md §2.3)
         b.text(tok.encode(instruction, where=f"{key} instruction"), loss=False)
-    gw, gh = tfm.vae.output_size(w, h)
-    b.vae(resize(target, gw, gh, nearest=task in NEAREST_TARGETS), target=True)
+    b.vae(vae_target(sample, tfm), target=True)
     return b.finish(sample, "seg")
+
+
+def vae_target(sample: dict, tfm: Transforms) -> np.ndarray:
+    """The VAE target image (uint8, VAE-transform size) of a segmentation-family sample. The latent cache
+    encodes exactly this image, so cached and online latents describe the same pixels."""
+    h, w = sample["image"].shape[:2]
+    gw, gh = tfm.vae.output_size(w, h)
+    return resize(sample["target"], gw, gh, nearest=sample["task"] in NEAREST_TARGETS)
 
 
 def _vqa_elements(turns: list[dict]) -> list[tuple[str, str | None, bool]]:

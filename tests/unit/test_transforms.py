@@ -88,3 +88,12 @@ def test_transforms_from_config(tiny_config):
     tiny_config.data.transforms.vae = (36, 16, 6)
     with pytest.raises(ValueError, match="stride 6 must be a multiple of 4"):
         Transforms.from_config(tiny_config)
+
+
+def test_patchify_matches_the_vit_module_helper():
+    siglip = pytest.importorskip("sgt_jax.models.siglip_navit")
+    img = np.random.default_rng(0).uniform(-1, 1, (42, 28, 3)).astype(np.float32)
+    ours, pos = patchify(img, 14, 70)
+    theirs, tpos = siglip.patchify(img, 14, 70)
+    np.testing.assert_array_equal(ours, theirs)
+    np.testing.assert_array_equal(pos, tpos)

@@ -91,8 +91,9 @@ def _data_sources(variant):
     """Raw data sources (owner: sgt_jax/data/sources). ``kind`` picks the reader; unused fields are ignored.
 
     seg.kind: synthetic | sam_sgt (list file + sam_selection/ + sam_mask/) | sam_sgt_tar (tar shards) |
-              sa1b (jpg + json with RLEs) | coco_panoptic | prepared (ArrayRecord shards from --mode prepare)
-    vqa.kind: synthetic | llava (JSON array or JSONL) | prepared | none
+              sa1b (jpg + json with RLEs) | coco_panoptic | prepared (ArrayRecord shards from --mode prepare) |
+              tfds (an sgt_shapes-like TFDS dataset in array_record format)
+    vqa.kind: synthetic | llava (JSON array or JSONL) | prepared | tfds | none
     Paths are absolute, or relative to ``root``.
     """
     s = ml_collections.ConfigDict()
@@ -104,6 +105,7 @@ def _data_sources(variant):
         image_dir="",  # coco_panoptic: train2017/
         mask_dir="",  # coco_panoptic: panoptic_train2017/
         max_samples=0 if variant == "tiny" else 190_000,  # 0 = all; else a seeded random subset
+        tfds_name="sgt_shapes/default", split="train",  # tfds (root = TFDS data_dir)
     ))
     s.vqa = ml_collections.ConfigDict(dict(
         kind="synthetic" if variant == "tiny" else "llava",
@@ -111,6 +113,7 @@ def _data_sources(variant):
         annotations="" if variant == "tiny" else "annotations/all_data.json",
         image_root="" if variant == "tiny" else "images",
         max_samples=0,
+        tfds_name="sgt_shapes/default", split="train",  # tfds (root = TFDS data_dir)
     ))
     # The built-in shapes world (sgt_jax/data/synthetic.py): deterministic from (seed, index).
     s.synthetic = ml_collections.ConfigDict(dict(

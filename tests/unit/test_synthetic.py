@@ -177,7 +177,7 @@ def test_templates():
         templates.templates_for("vqa")
 
 
-def test_tfds_builder_without_tensorflow(tmp_path):
+def test_tfds_builder_without_tensorflow(tmp_path, tiny_config):
     tfds = pytest.importorskip("tensorflow_datasets")
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     from data import shapes_tfds
@@ -190,4 +190,23 @@ def test_tfds_builder_without_tensorflow(tmp_path):
     ref = synthetic.seg_sample(synthetic.WorldConfig(seed=0, num_samples=32), index)
     np.testing.assert_array_equal(ex["image"], ref["image"])
     np.testing.assert_array_equal(ex["target"], ref["target"])
+    # the same dataset as a training source (kind "tfds"), also after pickling (Grain workers)
+    import pickle
+
+    from sgt_jax.data import sources
+
+    cfg = tiny_config
+    for fam in ("seg", "vqa"):
+        cfg.data.sources[fam].kind = "tfds"
+        cfg.data.sources[fam].root = str(tmp_path)
+        cfg.data.sources[fam].tfds_name = "sgt_shapes/tiny"
+    seg = pickle.loads(pickle.dumps(sources.build_seg_source(cfg)))
+    vqa = sources.build_vqa_source(cfg)
+    s, v = seg.decode(seg[7]), vqa.decode(vqa[7])
+    np.testing.assert_array_equal(s["target"], ref["target"])
+    np.testing.assert_array_equal(v["images"][0], ref["image"])
+    assert v["turns"][0]["value"].startswith("<image>\n") and v["turns"][1]["from"] == "gpt"
+    from sgt_jax.data.sources.common import decode_canonical
+
+    np.testing.assert_array_equal(decode_canonical(seg.canonical(seg[7]))["target"], ref["target"])
     assert "tensorflow" not in sys.modules

@@ -20,13 +20,14 @@ from sgt_jax.data.sources.prepared import PreparedSource
 from sgt_jax.data.sources.sa1b import Sa1bSource
 from sgt_jax.data.sources.sam_sgt import SamSgtFolderSource, SamSgtTarSource
 from sgt_jax.data.sources.synthetic_source import SyntheticSegSource, SyntheticVqaSource
+from sgt_jax.data.sources.tfds_source import TfdsSource
 
-SEG_KINDS = ("synthetic", "sam_sgt", "sam_sgt_tar", "sa1b", "coco_panoptic", "prepared")
-VQA_KINDS = ("synthetic", "llava", "prepared", "none")
+SEG_KINDS = ("synthetic", "sam_sgt", "sam_sgt_tar", "sa1b", "coco_panoptic", "prepared", "tfds")
+VQA_KINDS = ("synthetic", "llava", "prepared", "tfds", "none")
 
 __all__ = ["Source", "build_seg_source", "build_vqa_source", "SEG_KINDS", "VQA_KINDS", "SamSgtFolderSource",
            "SamSgtTarSource", "Sa1bSource", "CocoPanopticSource", "LlavaVqaSource", "PreparedSource",
-           "SyntheticSegSource", "SyntheticVqaSource"]
+           "SyntheticSegSource", "SyntheticVqaSource", "TfdsSource"]
 
 
 def _common(config, section) -> dict:
@@ -53,6 +54,8 @@ def build_seg_source(config, root_override: str | None = None) -> Source:
         return CocoPanopticSource(root, s.annotations, s.image_dir, s.mask_dir, **kw)
     if kind == "prepared":
         return PreparedSource(root, "seg", **kw)
+    if kind == "tfds":
+        return TfdsSource(root, s.get("tfds_name", ""), s.get("split", "train"), "seg", **kw)
     raise ValueError(f"config.data.sources.seg.kind={kind!r}; choose one of {SEG_KINDS}")
 
 
@@ -70,4 +73,6 @@ def build_vqa_source(config, root_override: str | None = None) -> Source | None:
         return LlavaVqaSource(s.annotations, s.image_root, root=root, **kw)
     if kind == "prepared":
         return PreparedSource(root, "vqa", **kw)
+    if kind == "tfds":
+        return TfdsSource(root, s.get("tfds_name", ""), s.get("split", "train"), "vqa", **kw)
     raise ValueError(f"config.data.sources.vqa.kind={kind!r}; choose one of {VQA_KINDS}")

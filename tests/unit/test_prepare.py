@@ -115,3 +115,22 @@ def test_prepare_cli(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     rep = json.loads((out / "prepare_report.json").read_text())
     assert rep["families"]["seg"]["written"] == 4 and rep["families"]["vqa"]["written"] == 4
+
+
+def test_prepare_calls_latent_cache_when_cached(tiny_config, tmp_path, monkeypatch):
+    """latents == "cached": prepare hands the fresh shards to D2's cache_latents(config, workdir)."""
+    latent_cache = pytest.importorskip("sgt_jax.data.latent_cache")
+    calls = []
+
+    def fake(config, workdir):
+        calls.append(sorted(f for f in os.listdir(workdir) if f.endswith(".array_record")))
+        return {"written": 3}
+
+    monkeypatch.setattr(latent_cache, "cache_latents", fake)
+    cfg = tiny_config
+    cfg.data.sources.synthetic.num_samples = 3
+    cfg.data.sources.vqa.kind = "none"
+    cfg.data.latents = "cached"
+    rep = prepare.prepare(cfg, str(tmp_path / "p"))
+    assert calls == [["seg-00000-of-00001.array_record"]] and rep["latents"] == {"written": 3}
+    assert json.loads((tmp_path / "p" / prepare.REPORT_NAME).read_text())["latents"] == {"written": 3}

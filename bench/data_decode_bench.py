@@ -18,7 +18,6 @@ Prints a markdown table (median of --n timed runs after one warm-up): samples/s 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics

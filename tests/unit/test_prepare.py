@@ -93,7 +93,7 @@ def test_prepare_report_and_readback(tiny_config, raw_root, tmp_path):
 
 
 def test_prepare_workers_same_output(tiny_config, tmp_path):
-    """The worker-pool path writes the same records in the same order as the in-process path."""
+    """The thread-pool path writes the same records in the same order as the in-process path."""
     cfg = tiny_config
     cfg.data.sources.synthetic.num_samples = 6
     cfg.data.sources.vqa.kind = "none"

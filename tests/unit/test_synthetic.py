@@ -177,9 +177,9 @@ def test_templates():
         templates.templates_for("vqa")
 
 
-def test_tfds_builder_without_tensorflow(tmp_path, tiny_config):
+def test_tfds_builder_without_tensorflow(tmp_path, tiny_config, monkeypatch):
     tfds = pytest.importorskip("tensorflow_datasets")
-    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).resolve().parents[2]))
     from data import shapes_tfds
 
     shapes_tfds.build(str(tmp_path), "tiny")

@@ -122,7 +122,9 @@ def make_encoder(vae, latent_patch_size: int):
 
 
 def load_vae(config):
-    """The frozen FLUX VAE with weights from ``config.checkpoint.init_from`` (a BAGEL folder: ae.safetensors)."""
+    """The frozen FLUX VAE with weights from ``config.checkpoint.init_from`` (a BAGEL folder: ae.safetensors).
+
+    Built abstractly (``nnx.eval_shape``) and filled from the file, so no random init runs."""
     import jax.numpy as jnp
     from flax import nnx
     from safetensors import safe_open
@@ -135,15 +137,14 @@ def load_vae(config):
     if not folder or not os.path.exists(path):
         raise FileNotFoundError(f"caching latents needs the VAE weights: {path!r} not found (set "
                                 "config.checkpoint.init_from to a BAGEL checkpoint folder)")
-    with safe_open(path, framework="flax") as f:
-        sd = {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}
+    with safe_open(path, framework="flax") as f:  # flax: bf16 files load too (numpy has no bfloat16)
+        sd = {k: np.asarray(f.get_tensor(k).astype(jnp.float32)) for k in f.keys()}
+    params = vae_state_dict_to_params(sd, config.model.vae)
     with nnx.use_eager_sharding(False):
-        vae = FluxVAE(config.model.vae, rngs=nnx.Rngs(0))
-    state = nnx.state(vae, nnx.Param)
-    nnx.replace_by_pure_dict(state, {k: v for k, v in _tree_map(jnp.asarray, vae_state_dict_to_params(
-        sd, config.model.vae)).items()})
-    nnx.update(vae, state)
-    return vae
+        abstract = nnx.eval_shape(lambda: FluxVAE(config.model.vae, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, _tree_map(jnp.asarray, params))
+    return nnx.merge(graphdef, state)
 
 
 def _tree_map(fn, tree):

@@ -91,3 +91,28 @@ def test_cache_checks_settings_keys_and_overwrite(built):
     cfg.data.latents, cfg.data.latent_cache = "cached", ""
     with pytest.raises(ValueError, match="needs config.data.latent_cache"):
         make_train_iterator(cfg)
+
+
+def test_load_vae_from_a_bagel_folder(built, tmp_path):
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    from sgt_jax.checkpoint.convert import params_to_vae_state_dict
+    from sgt_jax.data.latent_cache import load_vae
+
+    vae, _ = built
+    cfg = _square_world()
+    params = nnx.to_pure_dict(nnx.state(vae, nnx.Param))
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in
+               params_to_vae_state_dict(params, cfg.model.vae).items()}, str(tmp_path / "ae.safetensors"))
+    cfg.checkpoint.init_from = str(tmp_path)
+    loaded = load_vae(cfg)
+    import jax
+
+    got = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
+    assert jax.tree.structure(got) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    cfg.checkpoint.init_from = str(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="ae.safetensors"):
+        load_vae(cfg)

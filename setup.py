@@ -28,6 +28,9 @@ setup(
         "scikit-learn",
         "matplotlib",
         "pyarrow",
+        "importlib_resources",  # tfds download_and_prepare needs it
+        "msgpack",
+        "scipy",
     ],
     extras_require={
         "test": ["pytest", "nbclient", "nbformat", "ipykernel"],

@@ -137,7 +137,7 @@ def _data_pipeline(c, variant):
     # L CE labels, NI VAE image slots. 7b: 16k tokens per pack per chip (the paper's expected_num_tokens).
     d.pack = ml_collections.ConfigDict(
         dict(und_tokens=256, gen_tokens=256, vit_patches=128, ce_labels=64, vae_images=4) if tiny else
-        dict(und_tokens=8192, gen_tokens=8192, vit_patches=6144, ce_labels=4096, vae_images=8)
+        dict(und_tokens=6144, gen_tokens=10240, vit_patches=6144, ce_labels=4096, vae_images=8)
     )
     # Explicit seg:VQA quota per global batch. mode "samples": every batch holds exactly seg:vqa samples in
     # that ratio (whole groups of seg+vqa samples); "tokens": the ratio of their tokens, greedily tracked.

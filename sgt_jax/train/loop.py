@@ -1,0 +1,262 @@
+"""The training loop: ``python -m sgt_jax.main --config configs/sgt_tiny.py --workdir runs/tiny``.
+
+Order of events (each one fails loudly, before any long compile where possible):
+  1. multi-process start-up (``jax.distributed``) and the platform check (config.train.platform);
+  2. mesh + rules from config; abstract train state; the replicated-bytes check on the parameters;
+  3. data iterator for this process (its rows of the global batch);
+  4. state: own newest valid checkpoint > config.checkpoint.init_from > random init; iterator state too;
+  5. AOT compile of the step on the first batch; compiled memory per device is printed;
+  6. steps: host batch -> global arrays -> step -> metrics line (+ TensorBoard) -> checkpoint every K;
+     a NaN/Inf loss or gradient skips the update inside the step; K in a row abort the run;
+  7. SIGTERM/SIGINT: save the current step and exit cleanly; at the end: final checkpoint, optional
+     export to a BAGEL PyTorch folder, summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from sgt_jax import parallel
+from sgt_jax.checkpoint import store
+from sgt_jax.train import checkpointing, metrics as metrics_lib
+from sgt_jax.train import state as state_lib
+from sgt_jax.train import step as step_lib
+from sgt_jax.train.freeze import flops_frozen_modules
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteAbort(RuntimeError):
+    """Raised after ``config.train.max_consecutive_nonfinite`` skipped steps in a row."""
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop saves and exits at the next step boundary."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread (e.g. a notebook worker): no handler
+                pass
+
+    def _handler(self, signum, frame):
+        del frame
+        self.signal = signum
+        log.warning("received signal %d: saving a checkpoint and stopping after this step", signum)
+
+    def uninstall(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def any_process(self) -> bool:
+        mine = self.signal is not None
+        if jax.process_count() == 1:
+            return mine
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.asarray([mine]))))
+
+
+def _global_sum(x: np.ndarray) -> int:
+    """Sum of a host-local bookkeeping array over all processes."""
+    local = int(np.sum(x))
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    return int(np.sum(multihost_utils.process_allgather(np.asarray([local]))))
+
+
+def _flops_per_step(config, global_packs: int) -> float | None:
+    from sgt_jax.train import flops as flops_lib
+
+    budgets = flops_lib.budgets_from_config(config)
+    online = str(config.data.get("latents", "online")) == "online"
+    return flops_lib.step_flops(config.model, budgets, packs=global_packs, frozen=flops_frozen_modules(config),
+                                vae_online=online).total
+
+
+def _peak_flops(config) -> float | None:
+    """Per-device peak FLOP/s for MFU: config.train.peak_flops, else the TPU chip from the device kind."""
+    from sgt_jax.train import flops as flops_lib
+
+    peak = float(config.train.get("peak_flops", 0) or 0)
+    if peak > 0:
+        return peak
+    kind = jax.devices()[0].device_kind.lower()
+    for name in ("v6e", "v5p", "v5e", "v5 lite", "v4"):
+        if name in kind:
+            return flops_lib.chip(name.replace("v5 lite", "v5e")).peak_bf16_flops
+    return None
+
+
+def _print_memory(compiled) -> None:
+    try:
+        mem = compiled.memory_analysis()
+    except Exception as err:  # noqa: BLE001 - some backends do not implement it
+        print(f"compiled memory analysis unavailable: {err}")
+        return
+    if mem is None:
+        print("compiled memory analysis unavailable on this backend")
+        return
+    gib = 2**30
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
+              "generated_code_size_in_bytes")
+    parts = {f.replace("_size_in_bytes", ""): getattr(mem, f, 0) / gib for f in fields}
+    total = parts["argument"] + parts["output"] + parts["temp"] - parts["alias"]
+    print("compiled memory per device (GiB): " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
+          + f"; total ~{total:.3f}")
+
+
+def _restore_data_state(iterator, data: dict) -> None:
+    n, pi = jax.process_count(), jax.process_index()
+    if data["process_count"] != n:
+        raise ValueError(
+            f"the checkpoint's data-iterator state was written by {data['process_count']} processes, this run has "
+            f"{n}: the data order cannot be resumed exactly. Resume with {data['process_count']} processes.")
+    iterator.set_state(data["states"][pi])
+
+
+def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable | None = None) -> int:
+    """Train ``config`` in ``args.workdir``. ``model_fn``/``iterator_fn`` override the model and the data
+    iterator (tests); by default Bagel and sgt_jax.data.pipeline.make_train_iterator."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parallel.maybe_initialize(config)
+    parallel.check_platform(config)
+    workdir = args.workdir
+    os.makedirs(workdir, exist_ok=True)
+    tc = config.train
+    total_steps = int(tc.steps)
+    every = int(config.checkpoint.every)
+    if total_steps < 0 or every <= 0:
+        raise ValueError(f"config.train.steps must be >= 0 and config.checkpoint.every > 0 "
+                         f"(got {total_steps}, {every})")
+
+    mesh = parallel.make_mesh(config.mesh)
+    rules = parallel.logical_rules(config)
+    spec, jitted, _ = step_lib.build(config, mesh, model_fn)
+    parallel.check_sufficiently_sharded({"params": spec.abstract["params"], "frozen": spec.abstract["frozen"]},
+                                        mesh, rules, float(config.mesh.get("max_replicated_fraction", 0.02)))
+
+    if iterator_fn is None:
+        from sgt_jax.data.pipeline import make_train_iterator as iterator_fn
+    iterator = iterator_fn(config, process_index=jax.process_index(), process_count=jax.process_count())
+
+    manager = store.make_manager(workdir, keep=int(config.checkpoint.keep),
+                                 async_save=bool(config.checkpoint.get("async_save", True)))
+    state, data = checkpointing.restore_state(manager, spec, config, mesh)
+    if state is None:
+        state = checkpointing.initial_state(config, spec, mesh)
+    else:
+        _restore_data_state(iterator, data)
+    start = int(jax.device_get(state["step"]))
+    print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices, "
+          f"{jax.process_count()} process(es); starting at step {start} of {total_steps}")
+
+    writer = metrics_lib.MetricWriter(workdir, tensorboard=bool(tc.get("tensorboard", True)), resume_step=start)
+    stop = _StopFlag()
+    stop.install()
+    max_bad = int(tc.get("max_consecutive_nonfinite", 5))
+    compiled = None
+    flops = peak = None
+    n_seg = n_vqa = 0
+    last_saved = start if manager.latest_step() == start else None
+    times = []
+    step = start
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
+        while step < total_steps:
+            host = next(iterator)
+            batch = parallel.to_global(host, mesh, rules)
+            if compiled is None:
+                t0 = time.time()
+                compiled = jitted.lower(state, batch).compile()
+                print(f"compiled the train step in {time.time() - t0:.1f} s")
+                _print_memory(compiled)
+                global_packs = int(batch["tokens"].shape[0])
+                flops, peak = _flops_per_step(config, global_packs), _peak_flops(config)
+            t0 = time.time()
+            state, m = compiled(state, batch)
+            m = jax.device_get(m)
+            dt = time.time() - t0
+            step += 1
+            times.append(dt)
+            seg, vqa = _global_sum(host.get("n_seg", 0)), _global_sum(host.get("n_vqa", 0))
+            n_seg, n_vqa = n_seg + seg, n_vqa + vqa
+            tokens = int(np.prod(batch["tokens"].shape))
+            record = {k: (bool(v) if k == "applied" else float(v) if np.ndim(v) == 0 else v) for k, v in m.items()}
+            record.update(step_time_s=dt, tokens_per_s=tokens / dt, n_seg=seg, n_vqa=vqa,
+                          seg_vqa_ratio=(n_seg / n_vqa) if n_vqa else None,
+                          tflops_per_device=flops / dt / jax.device_count() / 1e12,
+                          mfu=(flops / (dt * jax.device_count() * peak)) if peak else None)
+            writer.write(step, record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", ce=f"{record['ce']:.3f}", mse=f"{record['mse']:.3f}")
+            if int(m["nonfinite"]) >= max_bad:
+                raise NonFiniteAbort(
+                    f"{int(m['nonfinite'])} consecutive steps had a NaN/Inf loss or gradient (last at step {step}); "
+                    f"updates were skipped, aborting (config.train.max_consecutive_nonfinite={max_bad}). Last "
+                    f"loss {record['loss']}, grad_norm {record['grad_norm']}.")
+            stopping = stop.any_process()
+            if step % every == 0 or step == total_steps or stopping:
+                checkpointing.save_state(manager, state, data_state=iterator.get_state(), config=config, mesh=mesh,
+                                         force=True)
+                last_saved = step
+            if stopping:
+                print(f"stopped by signal at step {step}; checkpoint saved")
+                break
+        bar.close()
+    finally:
+        stop.uninstall()
+        store.wait(manager)
+        manager.close()
+        writer.close()
+    if step == total_steps and str(config.checkpoint.get("export_at_end", "") or ""):
+        _export(config, workdir, step)
+    steady = times[1:] if len(times) > 1 else times
+    summary = {
+        "steps_run": len(times), "final_step": step, "last_checkpoint": last_saved,
+        "mean_step_time_s": float(np.mean(steady)) if steady else None,
+        "skipped_steps": int(jax.device_get(state["skipped"])), "n_seg": n_seg, "n_vqa": n_vqa,
+        "seg_vqa_ratio": (n_seg / n_vqa) if n_vqa else None,
+    }
+    if hasattr(iterator, "stats"):
+        try:
+            summary["data"] = iterator.stats()
+        except Exception as err:  # noqa: BLE001 - stats are informative only
+            summary["data"] = f"unavailable: {err}"
+    if hasattr(iterator, "close"):
+        iterator.close()
+    print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items() if k != "data"))
+    return 0
+
+
+def _export(config, workdir: str, step: int) -> None:
+    """Write the EMA or raw weights of the final checkpoint as a BAGEL PyTorch folder."""
+    from sgt_jax.checkpoint import convert
+
+    weights = str(config.checkpoint.export_at_end)
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"config.checkpoint.export_at_end={weights!r}; allowed: '', 'ema', 'raw'")
+    dest = str(config.checkpoint.get("export_dir", "") or "") or os.path.join(workdir, "export")
+
+    class _Args:
+        pass
+
+    a = _Args()
+    a.workdir, a.step, a.weights, a.dest = workdir, step, weights, dest
+    convert.run_export(config, a)

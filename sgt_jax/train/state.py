@@ -1,0 +1,171 @@
+"""The train state: a plain dict of pytrees, its shardings, and how it is created.
+
+    state = {
+      "step":      int32 []            data steps taken (advances even when an update is skipped)
+      "params":    nnx.State           trainable parameters, fp32 masters
+      "frozen":    nnx.State           frozen parameters (VAE + frozen groups): never updated
+      "opt":       optax state         over "params" only (Adam moments shard like the params)
+      "ema":       nnx.State | absent  EMA of "params" (config.train.ema_dtype; optional host offload)
+      "rng":       uint32 [2]          base key; step s uses fold_in(rng, s), so resumes are exact
+      "nonfinite": int32 []            consecutive skipped (NaN/Inf) steps
+      "skipped":   int32 []            total skipped steps
+    }
+
+Why a dict of nnx.States and not an nnx.Optimizer: the jitted step is a pure function of pytrees
+with explicit in/out shardings and donation (shared/design.md), and the checkpoint writes each part
+as its own item (sgt_jax/checkpoint/store.py). No process ever holds the full model: the state is
+built by ``jax.jit(init, out_shardings=...)`` from an abstract (``nnx.eval_shape``) description.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sgt_jax import parallel
+from sgt_jax.train.freeze import make_filters
+from sgt_jax.train.optim import make_optimizer
+
+SCALARS = ("step", "rng", "nonfinite", "skipped")
+
+
+def default_model_fn(config) -> Callable[[nnx.Rngs], nnx.Module]:
+    """Bagel built from ``config.model``; the VAE is included only for online latent encoding."""
+    from sgt_jax.models.bagel import Bagel
+
+    with_vae = str(config.data.get("latents", "online")) == "online"
+    return lambda rngs: Bagel(config.model, rngs=rngs, with_vae=with_vae)
+
+
+@dataclasses.dataclass
+class StateSpec:
+    """Everything static about the train state of one run (built once, shared by init/step/restore)."""
+
+    graphdef: Any
+    rest: Any  # non-Param variables of the model (must stay empty for Bagel)
+    abstract: dict  # ShapeDtypeStructs with shardings
+    shardings: dict
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    model_fn: Callable
+    filters: tuple
+    ema_dtype: Any
+    use_ema: bool
+
+
+def _ema_memory_kind(config, mesh: Mesh) -> str | None:
+    if not bool(config.train.get("ema_offload", False)):
+        return None
+    kinds = {m.kind for d in mesh.devices.flat for m in d.addressable_memories()}
+    if "pinned_host" not in kinds:
+        raise ValueError(
+            f"config.train.ema_offload=True needs 'pinned_host' device memory; the {jax.default_backend()!r} "
+            f"backend offers {sorted(kinds)}. Set --config.train.ema_offload=False.")
+    return "pinned_host"
+
+
+def _split(module, filters):
+    graphdef, train, frozen, rest = nnx.split(module, *filters, ...)
+    return graphdef, train, frozen, rest
+
+
+def make_state_spec(config, mesh: Mesh, model_fn: Callable | None = None) -> StateSpec:
+    """Abstract train state (ShapeDtypeStructs carrying shardings) and its shardings."""
+    model_fn = model_fn or default_model_fn(config)
+    rules = parallel.logical_rules(config)
+    filters = make_filters(config)
+    tx, schedule = make_optimizer(config.optim, int(config.train.steps))
+    with nnx.use_eager_sharding(False):
+        abstract_module = nnx.eval_shape(lambda: model_fn(nnx.Rngs(0)))
+    graphdef, train, frozen, rest = _split(abstract_module, filters)
+    if jax.tree.leaves(rest):
+        raise ValueError(f"the model has non-Param state the train step does not handle: {rest}")
+    if not jax.tree.leaves(train):
+        raise ValueError("config.train.freeze freezes every parameter: nothing to train")
+    opt = jax.eval_shape(tx.init, train)
+    ema_dtype = jnp.dtype(str(config.train.get("ema_dtype", "float32")))
+    use_ema = float(config.train.get("ema_decay", 0.0)) > 0
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = {
+        "params": parallel.state_shardings(train, mesh, rules),
+        "frozen": parallel.state_shardings(frozen, mesh, rules),
+        "opt": parallel.state_shardings(opt, mesh, rules),
+        "step": replicated, "rng": replicated, "nonfinite": replicated, "skipped": replicated,
+    }
+    shapes = {
+        "params": train, "frozen": frozen, "opt": opt,
+        "step": jax.ShapeDtypeStruct((), jnp.int32), "rng": jax.ShapeDtypeStruct((2,), jnp.uint32),
+        "nonfinite": jax.ShapeDtypeStruct((), jnp.int32), "skipped": jax.ShapeDtypeStruct((), jnp.int32),
+    }
+    if use_ema:
+        shardings["ema"] = parallel.state_shardings(train, mesh, rules, memory_kind=_ema_memory_kind(config, mesh))
+        shapes["ema"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, ema_dtype), train)
+    abstract = {k: parallel.abstract_with_shardings(shapes[k], shardings[k]) for k in shapes}
+    return StateSpec(graphdef, rest, abstract, shardings, tx, schedule, model_fn, filters, ema_dtype, use_ema)
+
+
+def _assemble(spec: StateSpec, train, frozen, seed: int) -> dict:
+    state = {
+        "step": jnp.zeros((), jnp.int32), "params": train, "frozen": frozen, "opt": spec.tx.init(train),
+        "rng": jax.random.PRNGKey(seed), "nonfinite": jnp.zeros((), jnp.int32), "skipped": jnp.zeros((), jnp.int32),
+    }
+    if spec.use_ema:
+        state["ema"] = jax.tree.map(lambda x: x.astype(spec.ema_dtype), train)
+    return state
+
+
+def init_state(config, spec: StateSpec) -> dict:
+    """A fresh (randomly initialised) train state, created directly in its shardings."""
+    seed = int(config.train.seed)
+
+    def init():
+        with nnx.use_eager_sharding(False):
+            module = spec.model_fn(nnx.Rngs(seed))
+        _, train, frozen, _ = _split(module, spec.filters)
+        return _assemble(spec, train, frozen, seed)
+
+    return jax.jit(init, out_shardings=spec.shardings)()
+
+
+def full_param_target(spec: StateSpec) -> dict:
+    """Abstract nested dict (ShapeDtypeStructs with shardings) of ALL model parameters, in the layout
+    of ``nnx.state(model, nnx.Param).to_pure_dict()`` (what imported workdirs hold)."""
+    model = nnx.merge(spec.graphdef, spec.abstract["params"], spec.abstract["frozen"], spec.rest)
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def state_from_params(config, spec: StateSpec, full_params: dict) -> dict:
+    """A train state whose parameters AND EMA start from ``full_params`` (a pure dict of all model
+    parameters, already sharded), with a fresh optimizer — the SGT init (specs/sgt_recipe.md §3.1)."""
+    seed = int(config.train.seed)
+
+    def build(pure):
+        model = nnx.merge(spec.graphdef, spec.abstract["params"], spec.abstract["frozen"], spec.rest)
+        param_state = nnx.state(model, nnx.Param)
+        nnx.replace_by_pure_dict(param_state, pure)
+        nnx.update(model, param_state)
+        _, train, frozen, _ = _split(model, spec.filters)
+        return _assemble(spec, train, frozen, seed)
+
+    return jax.jit(build, out_shardings=spec.shardings)(full_params)
+
+
+def full_params_from_state(spec: StateSpec, state: dict, weights: str = "raw") -> dict:
+    """Pure dict of all model parameters from a train state: ``raw`` params or the ``ema`` copy (frozen
+    parameters are taken as they are)."""
+    if weights not in ("raw", "ema"):
+        raise ValueError(f"weights must be 'raw' or 'ema', got {weights!r}")
+    train = state["params"]
+    if weights == "ema":
+        if "ema" not in state:
+            raise ValueError("this run keeps no EMA (config.train.ema_decay = 0)")
+        train = jax.tree.map(lambda e, p: e.astype(p.dtype), state["ema"], state["params"])
+    model = nnx.merge(spec.graphdef, train, state["frozen"], spec.rest)
+    return nnx.state(model, nnx.Param).to_pure_dict()

@@ -178,11 +178,17 @@ def test_chunked_attention_equals_dense_and_isolates_images():
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.normal(size=(2, 13, 2, 4)), jnp.float32) for _ in range(3))
     img = jnp.asarray([[0] * 5 + [1] * 6 + [-1] * 2, [-1] * 3 + [2] * 10], jnp.int32)
-    dense = image_attention(q, k, v, img, impl="dense")
-    chunked = image_attention(q, k, v, img, impl="chunked", chunk=4)  # 13 rows: last block padded
+
+    @jax.jit
+    def run(q, k, v, img):
+        dense = image_attention(q, k, v, img, impl="dense")
+        chunked = image_attention(q, k, v, img, impl="chunked", chunk=4)  # 13 rows: last block padded
+        # image 0 alone: must give the same rows (nothing leaks across images or from padding)
+        alone = image_attention(q[:1, :5], k[:1, :5], v[:1, :5], img[:1, :5], impl="dense")
+        return dense, chunked, alone
+
+    dense, chunked, alone = run(q, k, v, img)
     np.testing.assert_allclose(chunked, dense, atol=1e-6)
-    # image 0 alone gives the same rows: nothing leaks across images or from padding
-    alone = image_attention(q[:1, :5], k[:1, :5], v[:1, :5], img[:1, :5], impl="dense")
     np.testing.assert_allclose(dense[:1, :5], alone, atol=1e-6)
     assert np.isfinite(np.asarray(dense)).all()
 
@@ -209,16 +215,20 @@ def test_vae_shapes_sampling_and_scale(cfg):
     vae = _build(FluxVAE, cfg.vae)
     d = 2 ** (len(cfg.vae.ch_mult) - 1)
     x = jnp.zeros((1, 8 * d, 4 * d, 3))
-    mean, logvar, y = jax.jit(lambda m: (*m.encode_stats(x), m.decode(m.encode_stats(x)[0])))(vae)
+    z = jnp.linspace(-2, 2, 7)
+    m0, lv0 = jnp.full((4096,), 0.5), jnp.full((4096,), np.log(0.25))
+
+    def run(m):
+        mean, logvar = m.encode_stats(x)
+        return mean, logvar, m.decode(mean), m.sample(m0, lv0, jax.random.key(0)), m.scale(z), m.unscale(m.scale(z))
+
+    mean, logvar, y, s, scaled, back = jax.jit(run)(vae)
     assert mean.shape == logvar.shape == (1, 8, 4, cfg.vae.z_channels)
     assert y.shape == x.shape and np.isfinite(np.asarray(y)).all()
-    m0, lv0 = jnp.full((4096,), 0.5), jnp.full((4096,), np.log(0.25))
-    s = vae.sample(m0, lv0, jax.random.key(0))
     assert abs(float(s.mean()) - 0.5) < 0.05 and abs(float(s.std()) - 0.5) < 0.05
-    z = jnp.linspace(-2, 2, 7)
-    np.testing.assert_allclose(vae.scale(z), cfg.vae.scale_factor * (z - cfg.vae.shift_factor), rtol=1e-6)
-    np.testing.assert_allclose(vae.unscale(vae.scale(z)), z, atol=1e-6)
+    np.testing.assert_allclose(scaled, cfg.vae.scale_factor * (z - cfg.vae.shift_factor), rtol=1e-6)
+    np.testing.assert_allclose(back, z, atol=1e-6)
     with pytest.raises(ValueError, match="multiples of"):
-        vae.encode_stats(jnp.zeros((1, 3 * d + 1, 4 * d, 3)))
+        jax.eval_shape(lambda m: m.encode_stats(jnp.zeros((1, 3 * d + 1, 4 * d, 3))), vae)
     with pytest.raises(ValueError, match="channels"):
-        vae.decode(jnp.zeros((1, 2, 2, cfg.vae.z_channels + 1)))
+        jax.eval_shape(lambda m: m.decode(jnp.zeros((1, 2, 2, cfg.vae.z_channels + 1))), vae)

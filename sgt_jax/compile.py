@@ -311,8 +311,9 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
               "tokens_per_chip": packs * budgets.tokens / n, "variant": config.get("variant", "")}
     report.update(compile_and_analyse(jitted, args, hbm_bytes=spec.chip.hbm_bytes, progress=progress))
     progress("counting the traced program's FLOPs")
-    frozen = [k for k, v in dict(config.train.get("freeze", {})).items() if v]
-    analytic = flops_lib.step_flops(config.model, budgets, packs=packs, frozen=_flops_frozen(frozen),
+    from sgt_jax.train.freeze import flops_frozen_modules  # noqa: PLC0415
+
+    analytic = flops_lib.step_flops(config.model, budgets, packs=packs, frozen=flops_frozen_modules(config),
                                     vae_online=config.data.get("latents", "cached") == "online")
     act = flops_lib.active_params(config.model)
     six_n = 6 * (act["llm_expert"] * budgets.tokens + act["lm_head"] * budgets.ce_labels +
@@ -324,21 +325,6 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
                    "traced_flops": traced, "traced_over_analytic": traced / analytic.total,
                    "trace_s": time.time() - t0})
     return report
-
-
-# config.train.freeze keys -> flops module names (embeddings/lm_head/und/gen map onto the LLM blocks).
-_FREEZE_TO_MODULE = {"vit": "vit", "connector": "connector"}
-
-
-def _flops_frozen(frozen_keys) -> tuple[str, ...]:
-    """Modules frozen for the FLOPs multiplier; partial LLM freezing (und/gen/embeddings) keeps ``llm``
-    trainable in the count (its multiplier is 3 as long as either expert trains)."""
-    out = [_FREEZE_TO_MODULE[k] for k in frozen_keys if k in _FREEZE_TO_MODULE]
-    if "und" in frozen_keys and "gen" in frozen_keys:
-        out.append("llm")
-    if "lm_head" in frozen_keys:
-        out.append("lm_head")
-    return tuple(out)
 
 
 def _apply_compile_overrides(config):

@@ -9,7 +9,7 @@ segment: image + instruction -> generated colour map -> instance masks -> scores
   ``<id>_overlay.png``, ``results.jsonl``, ``results.csv`` and ``summary.json``.
 evaluate: ``config.evaluate.kind`` = mcq (``--input`` benchmark file/folder) | geneval (``--input``
   evaluation_metadata.jsonl) | probe (``--input`` folder of class sub-folders or JSONL {image, label};
-  none: the shapes world labelled by its largest shape's kind) | attention (``--input`` JSONL of
+  none: shapes-world scenes whose largest shape is a circle vs a square, balanced) | attention (``--input`` JSONL of
   {image, question} and/or {prompt}; none: shapes-world questions and captions). Outputs under
   ``<workdir>/evaluate/<kind>/``.
 """
@@ -104,8 +104,7 @@ def run_segment(config, args):
             labels = seg_metric.colour_map_to_instances(pred, params)
             row = dict(key=key, height=h, width=w, seed=seed, num_pred=int(labels.max()))
             if gt is not None:
-                gt_r = resize(np.repeat(gt[..., None], 3, -1).astype(np.uint8), w, h, nearest=True)[..., 0] \
-                    if gt.max() < 256 else _resize_labels(gt, w, h)
+                gt_r = _resize_labels(gt, w, h)
                 metrics = seg_metric.match_instances(gt_r, labels, float(s.iou_threshold))
                 row.update({k_: v for k_, v in metrics.items() if k_ != "matches"}, matches=metrics["matches"])
             if s.save_overlays:
@@ -160,13 +159,19 @@ def _probe_set(config, args):
         return images, np.asarray(labels)
     from sgt_jax.data import synthetic
 
+    # Two balanced classes, like the paper's grand vs upright piano: scenes whose largest shape is a
+    # circle vs a square (held-out scene indices from 200000).
     world = synthetic.WorldConfig.from_config(config.data.sources.synthetic)
-    images, labels = [], []
-    for i in range(n):
-        scene = synthetic.make_scene(world, 200_000 + i)
-        images.append(synthetic.render_scene(scene)[0])
-        labels.append(max(scene.shapes, key=lambda s_: s_.r).kind)
-    return images, np.asarray(labels)
+    per_class = {"circle": [], "square": []}
+    i = 200_000
+    while min(len(v) for v in per_class.values()) < n // 2:
+        scene = synthetic.make_scene(world, i)
+        kind = max(scene.shapes, key=lambda s_: s_.r).kind
+        if kind in per_class and len(per_class[kind]) < n // 2:
+            per_class[kind].append(synthetic.render_scene(scene)[0])
+        i += 1
+    images = per_class["circle"] + per_class["square"]
+    return images, np.asarray(["circle"] * (n // 2) + ["square"] * (n // 2))
 
 
 def _attention_set(config, args):

@@ -18,11 +18,11 @@ import numpy as np
 from flax import nnx
 
 from sgt_jax.data.transforms import ImageTransform
-from sgt_jax.sampling.engine import empty_context, round_up
+from sgt_jax.sampling.engine import StaticGraph, empty_context, round_up
 
 
-def _vit_pool_fn(graphdef, state, patches, pos, image_id):
-    model = nnx.merge(graphdef, state)
+def _vit_pool_fn(static, state, patches, pos, image_id):
+    model = nnx.merge(static.graphdef, state)
     return model.vit(patches, pos, image_id).astype(jnp.float32).mean(axis=1)
 
 
@@ -37,7 +37,7 @@ class FeatureExtractor:
                 raise ValueError(f"analysis.probe_llm_layers entry {l} outside the model's {n} layers")
         graphdef, state = nnx.split(inf.model)
         self._state = state
-        self._vit = functools.partial(_vit_pool_jit, graphdef)
+        self._vit = functools.partial(_vit_pool_jit, StaticGraph(graphdef, inf.model.cfg))
 
     def names(self) -> list[str]:
         return ["vit"] + [f"llm{l}" for l in self.layers]

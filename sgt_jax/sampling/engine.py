@@ -104,6 +104,21 @@ def sample_logits(logits, key, *, greedy: bool, temperature, top_p):
     return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
+class StaticGraph:
+    """A graphdef usable as a static jit argument: the model keeps its ConfigDict (unhashable) in the
+    graph, so hashing uses the config's JSON and equality the graphdefs themselves."""
+
+    def __init__(self, graphdef, model_cfg):
+        self.graphdef = graphdef
+        self._key = model_cfg.to_json_best_effort(sort_keys=True)
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, StaticGraph) and self._key == other._key and self.graphdef == other.graphdef
+
+
 class Engine:
     """The model split once into (graphdef, state); jitted inference calls over that state."""
 
@@ -113,10 +128,11 @@ class Engine:
         self.latent_dim = model.patch_latent_dim
         # Module-level jitted functions with the graphdef as a static argument: every Engine of the same
         # architecture in a process shares one compilation cache.
-        self._append = functools.partial(_append_jit, self.graphdef)
-        self._decode = functools.partial(_decode_jit, self.graphdef)
-        self._velocity = functools.partial(_velocity_jit, self.graphdef)
-        self._query_probs = functools.partial(_velocity_jit, self.graphdef, return_probs=True)
+        static = StaticGraph(self.graphdef, model.cfg)
+        self._append = functools.partial(_append_jit, static)
+        self._decode = functools.partial(_decode_jit, static)
+        self._velocity = functools.partial(_velocity_jit, static)
+        self._query_probs = functools.partial(_velocity_jit, static, return_probs=True)
 
     # ---- prefill ----
     def append(self, ctx: Context, block: dict, *, rope_advance: int, return_probs: bool = False):
@@ -197,15 +213,15 @@ def _embed(model, arrays, x_t=None, t=None):
     return model.embed_batch(batch, x_t, t)
 
 
-def _append_fn(graphdef, state, cache, arrays, meta, rope, start, return_probs=False):
-    model = nnx.merge(graphdef, state)
+def _append_fn(static, state, cache, arrays, meta, rope, start, return_probs=False):
+    model = nnx.merge(static.graphdef, state)
     x, u = _embed(model, arrays)
     _, new, probs = model.llm(x, meta, rope, num_und=u, kv_cache=cache, return_kv=True, return_probs=return_probs)
     return _write(cache, new, start), probs
 
 
-def _decode_fn(graphdef, state, cache, token, scal, key, temperature, top_p, greedy=True):
-    model = nnx.merge(graphdef, state)
+def _decode_fn(static, state, cache, token, scal, key, temperature, top_p, greedy=True):
+    model = nnx.merge(static.graphdef, state)
     length, rope, order, split = scal[0], scal[1], scal[2], scal[3]
     x = model.llm.embed(token)
     one = jnp.ones((1, 1), jnp.int32)
@@ -216,8 +232,8 @@ def _decode_fn(graphdef, state, cache, token, scal, key, temperature, top_p, gre
     return logits, nxt, _write(cache, new, length)
 
 
-def _velocity_fn(graphdef, state, cache, arrays, meta, rope, x, t, return_probs=False):
-    model = nnx.merge(graphdef, state)
+def _velocity_fn(static, state, cache, arrays, meta, rope, x, t, return_probs=False):
+    model = nnx.merge(static.graphdef, state)
     b = cache.k.shape[1]
     arrays = {k: jnp.broadcast_to(v, (b,) + v.shape[1:]) for k, v in arrays.items() if k != "latents"}
     z = arrays["latent_pos"].shape[1]

@@ -27,7 +27,7 @@ from flax import nnx
 
 from sgt_jax.data.transforms import ImageTransform, normalize, resize, vae_stride
 from sgt_jax.sampling import blocks, flow
-from sgt_jax.sampling.engine import Context, Engine, empty_context, round_up
+from sgt_jax.sampling.engine import Context, Engine, StaticGraph, empty_context, round_up
 
 # Our wording (BAGEL's prompts ask for reasoning inside <think> ... </think> before answering/drawing).
 GEN_THINK_SYSTEM_PROMPT = ("You should first think about the planning process in the mind and then generate "
@@ -63,8 +63,9 @@ class Inferencer:
         self.stride = vae_stride(m)
         self.vae_transform = ImageTransform(*config.data.transforms.vae)
         graphdef, state = nnx.split(model)
-        self._vae_encode = functools.partial(_vae_encode_jit, graphdef)
-        self._vae_decode = functools.partial(_vae_decode_jit, graphdef)
+        static = StaticGraph(graphdef, model.cfg)
+        self._vae_encode = functools.partial(_vae_encode_jit, static)
+        self._vae_decode = functools.partial(_vae_decode_jit, static)
         self._state = state
         self._combine = _combine_jit
 
@@ -202,19 +203,19 @@ class Inferencer:
         return dataclasses.replace(ctxs, gen=gen), text
 
 
-def _vae_encode_fn(graphdef, state, image, key, sample=True):
+def _vae_encode_fn(static, state, image, key, sample=True):
     from sgt_jax.models.flux_vae import patchify_latent
 
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(static.graphdef, state)
     mean, logvar = model.vae.encode_stats(image.astype(model.vae.dtype or jnp.float32))
     z = model.vae.sample(mean, logvar, key) if sample else mean
     return patchify_latent(model.vae.scale(z), model.cfg.latent_patch_size)
 
 
-def _vae_decode_fn(graphdef, state, x, hw, p):
+def _vae_decode_fn(static, state, x, hw, p):
     from sgt_jax.models.flux_vae import unpatchify_latent
 
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(static.graphdef, state)
     z = unpatchify_latent(x, hw[0], hw[1], p)
     return model.vae.decode_scaled(z).astype(jnp.float32)
 

@@ -100,3 +100,12 @@ def test_overlay_shape():
     gt = _scene()
     out = sm.overlay(PALETTE[gt], gt)
     assert out.shape == gt.shape + (3,) and out.dtype == np.uint8
+
+
+def test_exact_ground_truth_from_rendered_map():
+    from sgt_jax.eval.cli import colour_map_labels
+
+    gt = _scene()
+    labels = colour_map_labels(PALETTE[gt])
+    assert labels.max() == 4 and (labels == 0).sum() == (gt == 0).sum()
+    assert len(set(zip(gt.ravel(), labels.ravel()))) == 5  # a relabelling of the instances

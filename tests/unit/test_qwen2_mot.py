@@ -1,0 +1,124 @@
+"""Qwen2 MoT behaviours: KV cache == full forward, scan == loop, remat/chunked do not change results,
+freeze_und stops und gradients; the sin-cos and timestep embeddings against their formulas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sgt_jax.configs_util import load_config
+from sgt_jax.models import posemb
+from sgt_jax.models.attention import TokenMeta
+from sgt_jax.models.qwen2_mot import KVCache, Qwen2MoT
+
+T, U = 14, 9  # 9 und tokens then 5 gen tokens (physical layout)
+
+
+def model_cfg(**over):
+    cfg = load_config("configs/sgt_tiny.py").model
+    cfg.llm.num_layers = 1  # one layer keeps compile time down; scan/loop/cache paths are the same code
+    for k, v in over.items():
+        cfg[k] = v
+    return cfg
+
+
+def inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((1, T, 64)), jnp.float32)
+    # original order: text(4, causal) | image(5 gen latents + 2 und markers, full) | text(3, causal)
+    # physical: und = text 0-3, marker 4, marker 10, text 11-13 ... then gen = 5..9
+    order = np.array([0, 1, 2, 3, 4, 10, 11, 12, 13, 5, 6, 7, 8, 9])
+    split = np.array([0, 0, 0, 0, 1, 1, 2, 2, 2, 1, 1, 1, 1, 1])
+    mode = np.where(split == 1, 1, 0)
+    rope = np.where(split == 0, order, np.where(split == 1, 4, order - 6))
+    a = lambda v: jnp.asarray(v[None], jnp.int32)  # noqa: E731
+    return x, TokenMeta(a(np.zeros(T, int)), a(split), a(mode), a(order)), a(rope)
+
+
+def build(cfg, seed=0):
+    return Qwen2MoT(cfg, rngs=nnx.Rngs(seed))
+
+
+def jitted(m, **kw):
+    """``m(x, meta, rope, **kw)`` under one jit (eager op-by-op dispatch is slow on CPU)."""
+    graphdef, state = nnx.split(m)
+
+    @jax.jit
+    def f(state, x, meta, rope, cache):
+        return nnx.merge(graphdef, state)(x, meta, rope, kv_cache=cache, return_kv=True, **kw)[:2]
+
+    return lambda x, meta, rope, cache=None: f(state, x, meta, rope, cache)
+
+
+def test_kv_cache_prefix_then_suffix_equals_full():
+    cfg = model_cfg()
+    m = build(cfg)
+    x, meta, rope = inputs()
+    full, kv_full = jitted(m, num_und=U)(x, meta, rope)
+    # prefix = the first text block (phys 0..3, und) + the image block (markers phys 4,5 und; latents 9..13 gen)
+    pre = np.array([0, 1, 2, 3, 4, 5, 9, 10, 11, 12, 13])
+    suf = np.array([6, 7, 8])
+    take = lambda t, idx: jax.tree.map(lambda a: a[:, idx], t)  # noqa: E731
+    _, kv_pre = jitted(m, num_und=6)(x[:, pre], take(meta, pre), rope[:, pre])
+    cache = KVCache(kv_pre.k, kv_pre.v, kv_pre.meta)
+    h_suf, kv_suf = jitted(m, num_und=3)(x[:, suf], take(meta, suf), rope[:, suf], cache)
+    np.testing.assert_allclose(np.asarray(h_suf), np.asarray(full)[:, suf], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kv_suf.k), np.asarray(kv_full.k)[:, :, suf], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(kv_pre.v), np.asarray(kv_full.v)[:, :, pre], atol=1e-5)
+    with pytest.raises(ValueError, match="kv_cache"):
+        m(x[:, suf], take(meta, suf), rope[:, suf], num_und=3, kv_cache=KVCache(jnp.concatenate([kv_pre.k] * 2), kv_pre.v, kv_pre.meta))
+
+
+def _loss_and_grads(cfg, x, meta, rope):
+    m = build(cfg)
+    graphdef, state = nnx.split(m)
+
+    @jax.jit
+    def f(state):
+        h, _, _ = nnx.merge(graphdef, state)(x, meta, rope, num_und=U)
+        return jnp.sum(jnp.sin(h[:, :U])) + jnp.sum(h[:, U:] ** 2)
+
+    return jax.value_and_grad(f)(state)
+
+
+def test_scan_loop_remat_and_chunked_agree():
+    x, meta, rope = inputs(1)
+    ref_loss, ref_g = _loss_and_grads(model_cfg(), x, meta, rope)
+    for over in (dict(scan_layers=False, remat_policy="full", attention_impl="chunked", attention_chunk=4),):
+        loss, g = _loss_and_grads(model_cfg(**over), x, meta, rope)
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5, err_msg=str(over))
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(ref_g)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4, err_msg=str(over))
+
+
+def test_freeze_und_stops_und_gradients_only():
+    x, meta, rope = inputs(2)
+    _, g = _loss_and_grads(model_cfg(freeze_und=True), x, meta, rope)
+    g = nnx.State(g).to_pure_dict() if not isinstance(g, dict) else g
+    und = jax.tree.leaves(g["layers"]["und"])
+    gen = jax.tree.leaves(g["layers"]["gen"])
+    assert all(np.all(np.asarray(a) == 0) for a in und)
+    assert np.all(np.asarray(g["norm"]["scale"]) == 0)
+    assert any(np.abs(np.asarray(a)).max() > 0 for a in gen)
+
+
+def test_sincos_matches_float64_table_layout():
+    grid, dim = 5, 16
+    table = posemb.sincos_2d_table_np(grid, dim)
+    ids = jnp.arange(grid * grid)
+    np.testing.assert_allclose(np.asarray(posemb.sincos_2d(ids, grid, dim)), table, atol=1e-6)
+    r, c = 2, 3  # column in the first half, sin before cos inside each half
+    omega = 1.0 / 10000 ** (np.arange(4) / 4.0)
+    np.testing.assert_allclose(table[r * grid + c, :4], np.sin(c * omega))
+    np.testing.assert_allclose(table[r * grid + c, 4:8], np.cos(c * omega))
+    np.testing.assert_allclose(table[r * grid + c, 8:12], np.sin(r * omega))
+
+
+def test_timestep_frequencies_cos_first_unscaled():
+    t = jnp.asarray([0.0, 0.25, 1.0])
+    f = np.asarray(posemb.timestep_frequencies(t, 8))
+    freqs = np.exp(-np.log(10000.0) * np.arange(4) / 4)
+    want = np.concatenate([np.cos(np.asarray(t)[:, None] * freqs), np.sin(np.asarray(t)[:, None] * freqs)], 1)
+    np.testing.assert_allclose(f, want, atol=1e-6)
+    assert np.all(f[0, :4] == 1.0) and np.all(f[0, 4:] == 0.0)

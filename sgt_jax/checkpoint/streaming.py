@@ -3,9 +3,9 @@
 Import (``fill_from_table``): every parameter is created with ``jax.make_array_from_callback`` on its
 target sharding; the callback receives the index of one device's shard and reads exactly that slice
 of the PyTorch tensor(s) through the table's slice mapping (``Entry.read_slice``). Stacked (scanned)
-parameters are filled one layer at a time: a per-layer array is made from slices, then written into a
-donated device buffer (``dynamic_update_slice``), so the host never holds more than one layer's shard
-and the peak host memory does not grow with the number of layers.
+parameters are filled one layer at a time, and other big parameters in row blocks of ~256 MB: a block
+array is made from slices, then written into a donated device buffer (``dynamic_update_slice``), so
+the host never holds more than one block and the peak host memory does not grow with model size.
 
 Export (``write_table``): one PyTorch tensor at a time (one layer of a stacked parameter) is brought to
 the host, transformed back to the PyTorch layout, cast to the file dtype and written at its offset in
@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
 from sgt_jax.checkpoint.safetensors_io import SliceReader, StreamingWriter, TensorInfo, numpy_dtype
 from sgt_jax.checkpoint.table import Entry, get_path
@@ -51,15 +50,13 @@ def _index_tuple(index, shape) -> tuple[slice, ...]:
     return tuple(out)
 
 
-def _drop_first(sharding: NamedSharding) -> NamedSharding:
-    spec = tuple(sharding.spec)
-    return NamedSharding(sharding.mesh, PartitionSpec(*spec[1:]))
+BLOCK_BYTES = 256 << 20  # a parameter bigger than this is filled in blocks of about this size
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _put_layer(stacked, layer, i):
-    """Write ``layer`` at index ``i`` (traced: one compile per shape) of the donated ``stacked``."""
-    return jax.lax.dynamic_update_index_in_dim(stacked, layer.astype(stacked.dtype), i, axis=0)
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
+def _put_block(full, block, start, axis):
+    """Write ``block`` at offset ``start`` (traced: one compile per shape) along ``axis`` of donated ``full``."""
+    return jax.lax.dynamic_update_slice_in_dim(full, block.astype(full.dtype), start, axis=axis)
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,32 +64,62 @@ def _zeros_fn(shape, dtype, sharding):
     return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
-def fill_entry(entry: Entry, reader: SliceReader, target: jax.ShapeDtypeStruct) -> jax.Array:
-    """One parameter as a sharded ``jax.Array`` (shape/dtype/sharding of ``target``) read slice by slice."""
+def _block_axis(entry: Entry, sharding) -> int | None:
+    """The axis to fill block by block: the layers axis of a stacked parameter, else the first axis
+    that is not split over devices (blocks along it keep the parameter's sharding valid)."""
+    spec = tuple(sharding.spec) + (None,) * (len(entry.param_shape) - len(tuple(sharding.spec)))
+    mesh_shape = dict(sharding.mesh.shape)
+
+    def unsplit(a):
+        names = spec[a]
+        names = () if names is None else ((names,) if isinstance(names, str) else tuple(names))
+        return int(np.prod([mesh_shape[n] for n in names])) == 1
+
+    if entry.layers is not None and unsplit(0):
+        return 0
+    for a, d in enumerate(entry.param_shape):
+        if d > 1 and unsplit(a):
+            return a
+    return None
+
+
+def fill_entry(entry: Entry, reader: SliceReader, target: jax.ShapeDtypeStruct,
+               block_bytes: int = BLOCK_BYTES) -> jax.Array:
+    """One parameter as a sharded ``jax.Array`` (shape/dtype/sharding of ``target``) read slice by slice.
+
+    Small parameters are made in one ``make_array_from_callback``. Big ones (and every stacked one,
+    one layer per block at least) are made block by block along an axis that is not split over devices,
+    each block written into a donated device buffer: the host holds one block's slices at a time."""
     if tuple(target.shape) != entry.param_shape:
         raise ValueError(f"{'/'.join(entry.path)}: model shape {tuple(target.shape)} != table shape "
                          f"{entry.param_shape} (the table and the model disagree)")
     dtype = np.dtype(target.dtype)
     read = _cached_reader(reader.read)
     sharding = target.sharding
-    if entry.layers is None:
+    shape = entry.param_shape
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    axis = _block_axis(entry, sharding) if (entry.layers is not None or nbytes > block_bytes) else None
+    if axis is None:
         def cb(index):
-            idx = _index_tuple(index, entry.param_shape)
-            return entry.read_slice(read, idx).astype(dtype)
+            return entry.read_slice(read, _index_tuple(index, shape)).astype(dtype)
 
-        return jax.make_array_from_callback(entry.param_shape, sharding, cb)
+        return jax.make_array_from_callback(shape, sharding, cb)
 
-    body_shape = entry.param_shape[1:]
-    layer_sharding = _drop_first(sharding)
-    stacked = _zeros_fn(entry.param_shape, dtype, sharding)()
-    for i in range(entry.layers):
-        def cb(index, i=i):
-            idx = (slice(i, i + 1),) + _index_tuple(index, body_shape)
-            return entry.read_slice(read, idx)[0].astype(dtype)
+    per_unit = max(1, nbytes // shape[axis])
+    step = 1 if entry.layers is not None and axis == 0 else max(1, block_bytes // per_unit)
+    full = _zeros_fn(shape, dtype, sharding)()
+    for start in range(0, shape[axis], step):
+        stop = min(shape[axis], start + step)
+        block_shape = shape[:axis] + (stop - start,) + shape[axis + 1:]
 
-        layer = jax.make_array_from_callback(body_shape, layer_sharding, cb)
-        stacked = _put_layer(stacked, layer, np.int32(i))
-    return stacked
+        def cb(index, start=start, block_shape=block_shape):
+            idx = list(_index_tuple(index, block_shape))
+            idx[axis] = slice(start + idx[axis].start, start + idx[axis].stop)
+            return entry.read_slice(read, tuple(idx)).astype(dtype)
+
+        block = jax.make_array_from_callback(block_shape, sharding, cb)
+        full = _put_block(full, block, np.int32(start), axis)
+    return full
 
 
 def fill_from_table(table: list[Entry], reader: SliceReader, abstract: Mapping, out: dict,

@@ -297,7 +297,9 @@ def _inference(c, variant):
         cache_bucket=cache_bucket,
     ))
     c.segment = cd(dict(
-        source="synthetic",  # synthetic | sa1b | coco_panoptic (read through config.data.sources.seg paths)
+        # synthetic: held-out shapes-world scenes; data: the records of config.data.sources.seg (root
+        # overridable with --input), ground truth = the rendered target's colours
+        source="synthetic",
         instruction="Segment every instance with a different color.",
         start_index=100_000,  # synthetic: first scene index (training uses 0..num_samples-1)
         num_images=2 if tiny else 200,

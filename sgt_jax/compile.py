@@ -308,7 +308,9 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
               "num_slices": num_slices, "num_devices": n, "hosts": spec.hosts * num_slices,
               "chip": spec.chip.name, "chip_peak_bf16_flops": spec.chip.peak_bf16_flops,
               "mesh": dict(mesh.shape), "packs_per_step": packs, "tokens_per_pack": budgets.tokens,
-              "tokens_per_chip": packs * budgets.tokens / n, "variant": config.get("variant", "")}
+              "tokens_per_chip": packs * budgets.tokens / n, "variant": config.get("variant", ""),
+              "pack_budgets": dataclasses.asdict(budgets), "remat_policy": str(config.model.remat_policy),
+              "ema_dtype": str(config.train.get("ema_dtype", "")), "latents": str(config.data.get("latents", ""))}
     report.update(compile_and_analyse(jitted, args, hbm_bytes=spec.chip.hbm_bytes, progress=progress))
     progress("counting the traced program's FLOPs")
     from sgt_jax.train.freeze import flops_frozen_modules  # noqa: PLC0415

@@ -201,7 +201,7 @@ def import_folder(source: str, config: ml_collections.ConfigDict | None = None, 
     meta = {
         "format": META_FORMAT,
         "model": _jsonable(cfg_model),
-        "layout": {"scan_axis": 0, "stacked": sorted("/".join(e.path) for e in table if e.layers is not None),
+        "layout": {"scan_axis": 0, "scan_layers": bool(cfg_model.get("scan_layers", True)), "stacked": sorted("/".join(e.path) for e in table if e.layers is not None),
                    "param_dtype": str(cfg_model.param_dtype)},
         "source": {
             "path": os.path.abspath(source), "kind": "bagel_folder", "vae_naming": fold.vae_naming,
@@ -318,35 +318,77 @@ def _copy_extra_files(source: Mapping, dest: str) -> None:
             shutil.copy2(p, os.path.join(dest, name))
 
 
-def load_workdir_params(config, args):
-    """(params, cfg_model, meta) from ``<workdir>/params`` or, failing that, a training checkpoint."""
+def _training_steps(workdir: str) -> list[int]:
     from sgt_jax.checkpoint import store
 
-    meta_path = os.path.join(args.workdir, store.PARAMS_META)
-    if os.path.exists(meta_path) and args.step is None:
-        meta = store.read_params_meta(args.workdir)
+    d = store.checkpoint_dir(workdir)
+    if not os.path.isdir(d):
+        return []
+    return sorted(int(n) for n in os.listdir(d) if n.isdigit())
+
+
+def load_workdir_params(config, args):
+    """(params, cfg_model, meta) of a workdir: its latest (or ``args.step``) training checkpoint when it has
+    any (``args.weights`` ema|raw), else its imported ``params/``."""
+    from sgt_jax.checkpoint import store
+
+    base = config if config is not None else _default_config()
+    mesh, rules = _mesh_and_rules(base)
+    steps = _training_steps(args.workdir)
+    if not steps:
+        if args.step is not None:
+            raise FileNotFoundError(f"--step {args.step}: {args.workdir} has no training checkpoints")
+        meta = store.read_params_meta(args.workdir)  # clear error if there is nothing to export
         cfg_model = model_config_from_meta(meta)
-        base = config if config is not None else _default_config()
-        mesh, rules = _mesh_and_rules(base)
-        params = store.load_params(args.workdir, abstract_params(cfg_model, mesh, rules))
-        return params, cfg_model, meta
-    loader = getattr(store, "load_for_inference", None)
-    if loader is None:
-        raise FileNotFoundError(f"{args.workdir} has no imported parameters ({store.PARAMS_META}) and this "
-                                "build has no training-checkpoint reader (store.load_for_inference)")
-    if config is None:
-        raise ValueError("exporting a training checkpoint needs --config (the model it was trained with)")
-    cfg_model = config.model
-    mesh, rules = _mesh_and_rules(config)
-    params = loader(args.workdir, step=args.step, weights=args.weights,
-                    abstract_params=abstract_params(cfg_model, mesh, rules))
-    meta = {"source": {}, "model": _jsonable(cfg_model)}
-    try:
-        meta = {**store.read_params_meta(config.checkpoint.init_from), "model": _jsonable(cfg_model)} \
-            if config.checkpoint.get("init_from") else meta
-    except FileNotFoundError:
-        pass
+        return store.load_params(args.workdir, abstract_params(cfg_model, mesh, rules)), cfg_model, meta
+
+    step = steps[-1] if args.step is None else int(args.step)
+    if step not in steps:
+        raise FileNotFoundError(f"--step {step}: {args.workdir} has training checkpoints {steps}")
+    run_config = store.read_json_item(args.workdir, step, "config")
+    cfg_model = model_config_from_meta({"model": run_config["model"]})
+    target = abstract_params(cfg_model, mesh, rules)
+    init_from = str(run_config.get("checkpoint", {}).get("init_from", "") or "")
+    with_vae = store.read_json_item(args.workdir, step, "layout").get("with_vae", True)
+    params = store.load_for_inference(args.workdir, step=step, weights=args.weights,
+                                      abstract_params=target if with_vae else
+                                      {k: v for k, v in target.items() if k != "vae"})
+    if not with_vae:  # a cached-latent run keeps no VAE: take the (frozen) VAE from where the run started
+        params["vae"] = _vae_from(init_from, cfg_model, target, args.workdir)
+    meta: dict = {"source": {}}
+    if init_from and os.path.exists(os.path.join(init_from, store.PARAMS_META)):
+        meta = store.read_params_meta(init_from)  # JSON templates, dtypes, tokenizer files of the source
+    elif init_from and os.path.exists(os.path.join(init_from, folder_lib.LLM_CONFIG)):
+        fold = folder_lib.open_folder(init_from)
+        meta = {"source": {"path": os.path.abspath(init_from), "llm_config": fold.llm_config,
+                           "vit_config": fold.vit_config, "extra_files": fold.extra_files,
+                           "ema_dtype": _single_dtype(fold.ema_header), "ae_dtype": _single_dtype(fold.ae_header)}}
+    log.info("exporting step %d (%s weights) of %s", step, args.weights, args.workdir)
     return params, cfg_model, meta
+
+
+def _vae_from(init_from: str, cfg_model, target: Mapping, workdir: str):
+    """The frozen VAE for a checkpoint that does not store it: from the BAGEL folder the run started from
+    (directly, or through the imported workdir's recorded source), else from the imported params."""
+    from sgt_jax.checkpoint import store
+
+    folders = [init_from]
+    imported = bool(init_from) and os.path.exists(os.path.join(init_from, store.PARAMS_META))
+    if imported:
+        folders.append(store.read_params_meta(init_from).get("source", {}).get("path", ""))
+    for f in folders:
+        ae_path = os.path.join(f or "", folder_lib.AE_FILE)
+        if f and os.path.isfile(ae_path):
+            with SliceReader(ae_path) as reader:
+                ae = {k: reader.read(k) for k in sorted(reader.keys())}
+            tree = vae_state_dict_to_params(ae, cfg_model.vae)
+            check_tree_vae(tree, target["vae"])
+            return streaming.place_numpy(tree, target["vae"])
+    if imported:
+        log.warning("loading all imported params of %s to take the VAE from them", init_from)
+        return store.load_params(init_from, target)["vae"]
+    raise FileNotFoundError(f"{workdir}: the training checkpoint holds no VAE and the run's "
+                            f"checkpoint.init_from ({init_from!r}) leads to no ae.safetensors or imported params")
 
 
 def run_export(config, args) -> int:

@@ -24,9 +24,9 @@ are re-read from their stream by index on restore, so resuming reproduces the un
 
 from __future__ import annotations
 
-import collections
-
+from sgt_jax.data.bad_data import SkipCounter
 from sgt_jax.data.packing import PackBudget, PackUsage, first_fit
+from sgt_jax.data.records import BadSample
 
 GROUPS = ("seg", "vqa")
 MAX_CONSECUTIVE_SKIPS = 10_000  # a source that yields only bad samples is a configuration error, not data
@@ -49,7 +49,7 @@ class Mixer:
             raise ValueError(f"packs per batch must be >= 1, got {packs}")
         self.streams, self.budget, self.packs = streams, budget, packs
         self.carry: list[dict] = []
-        self.skipped = {g: collections.Counter() for g in GROUPS}
+        self.skipped = {g: SkipCounter() for g in GROUPS}  # per group, by reason (sgt_jax/data/bad_data.py)
         self.totals = {"batches": 0, "quota_breaks": 0, "seg": 0, "vqa": 0, "seg_tokens": 0, "vqa_tokens": 0}
         self._batch_tokens = {g: 0 for g in GROUPS}
 
@@ -58,11 +58,12 @@ class Mixer:
         for _ in range(MAX_CONSECUTIVE_SKIPS):
             el = self.streams[group].next()
             if "skip" in el:
-                self.skipped[group][el["skip"]] += 1
+                self.skipped[group].add_skip(BadSample(el["skip"], el.get("detail", "")))
                 continue
+            self.skipped[group].add_ok()
             return el
         raise RuntimeError(f"{MAX_CONSECUTIVE_SKIPS} consecutive bad {group} samples: check the data source "
-                           f"(skips so far: {dict(self.skipped[group])})")
+                           f"(skips so far: {self.skipped[group].as_dict()})")
 
     def _next_pending(self) -> list[dict]:
         if self.carry:
@@ -134,7 +135,7 @@ class Mixer:
     def get_state(self) -> dict:
         return {
             "carry": [[p["group"], int(p["index"])] for p in self.carry],
-            "skipped": {g: dict(c) for g, c in self.skipped.items()},
+            "skipped": {g: c.as_dict() for g, c in self.skipped.items()},
             "totals": dict(self.totals),
         }
 
@@ -144,7 +145,9 @@ class Mixer:
             if "skip" in p:
                 raise RuntimeError(f"carried sample {p.get('index')} now decodes as bad ({p['skip']}): the data "
                                    "changed since the checkpoint")
-        self.skipped = {g: collections.Counter(state["skipped"].get(g, {})) for g in GROUPS}
+        self.skipped = {g: SkipCounter() for g in GROUPS}
+        for g, d in state["skipped"].items():
+            self.skipped[g].merge(d)
         self.totals = dict(state["totals"])
 
     def stats(self) -> dict:
@@ -157,6 +160,7 @@ class Mixer:
             "seg_sample_share": t["seg"] / n if n else 0.0,
             "seg_token_share": t["seg_tokens"] / tok if tok else 0.0,
             "seg_per_vqa": t["seg"] / t["vqa"] if t["vqa"] else float("inf") if t["seg"] else 0.0,
-            "skipped": {g: dict(c) for g, c in self.skipped.items()},
+            "skipped": {g: {r: n for r, n in c.as_dict()["skipped"].items() if n} for g, c in self.skipped.items()},
+            "skip_examples": {g: c.as_dict()["examples"] for g, c in self.skipped.items()},
             "carried": len(self.carry),
         }

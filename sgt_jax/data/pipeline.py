@@ -24,13 +24,14 @@ ones. (Worker prefetch buffers are simply rebuilt; nothing is skipped.)
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 
 import grain
 import numpy as np
 
-from sgt_jax.data import bad_data, plans, records
+from sgt_jax.data import plans, records, templates
 from sgt_jax.data.mixing import GROUPS, Mixer
 from sgt_jax.data.packing import BatchLayout, assemble_batch, efficiency
 from sgt_jax.data.records import BadSample
@@ -70,8 +71,6 @@ class PlanFn:
                 raise BadSample("bad_record", f"{sample['key']}: task {sample['task']!r} in the {self.group} stream")
             rng = np.random.default_rng([self.seed, _GROUP_SEED[self.group], position * self.n + self.p])
             if self.group == "seg":
-                from sgt_jax.data import templates
-
                 options = templates.templates_for(sample["task"])
                 instruction = options[int(rng.integers(len(options)))]
                 plan = plans.sgt_plan(sample, instruction, self.tok, self.tfm,
@@ -218,10 +217,10 @@ class TrainIterator:
         out = copy.deepcopy(self.mixer.stats())
         nb = max(out["batches"], 1)
         out["efficiency"] = {k: v / nb for k, v in self._eff_sum.items()}
-        skipped = bad_data.SkipCounter(log_skips=False)
+        total = collections.Counter()
         for grp in out["skipped"].values():
-            skipped.skipped.update(grp)
-        out["skipped_total"] = {r: n for r, n in skipped.as_dict()["skipped"].items() if n}
+            total.update(grp)
+        out["skipped_total"] = {r: total[r] for r in records.REASONS if total[r]}  # records.py's order
         return out
 
     def close(self) -> None:

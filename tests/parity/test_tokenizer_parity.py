@@ -20,10 +20,8 @@ TEXTS = [
 
 def test_vocab_merges_matches_transformers_qwen2_tokenizer(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "unit"))
-    from test_tokenizer import _write_bpe_folder
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "unit"))
+    from test_tokenizer import _write_bpe_folder  # the same locally trained BPE files as the unit tests
 
     n = _write_bpe_folder(tmp_path)
     hf = transformers.Qwen2Tokenizer.from_pretrained(str(tmp_path))

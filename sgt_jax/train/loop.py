@@ -79,6 +79,14 @@ def _global_sum(x: np.ndarray) -> int:
     return int(np.sum(multihost_utils.process_allgather(np.asarray([local]))))
 
 
+def _crc(host: dict) -> int:
+    """A fingerprint of this process's host batch (token ids + latent targets): data order is checkable."""
+    import zlib
+
+    return zlib.crc32(np.ascontiguousarray(host["tokens"]).tobytes()) ^ zlib.crc32(
+        np.ascontiguousarray(host["latent_target"]).tobytes())
+
+
 def _flops_per_step(config, global_packs: int) -> float | None:
     from sgt_jax.train import flops as flops_lib
 
@@ -122,6 +130,10 @@ def _print_memory(compiled) -> None:
 
 def _restore_data_state(iterator, data: dict) -> None:
     n, pi = jax.process_count(), jax.process_index()
+    states = data["states"]
+    if data["process_count"] != n and all(s == states[0] for s in states):
+        iterator.set_state(states[0])  # a layout-independent state (the same on every process)
+        return
     if data["process_count"] != n:
         raise ValueError(
             f"the checkpoint's data-iterator state was written by {data['process_count']} processes, this run has "
@@ -133,6 +145,7 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
     """Train ``config`` in ``args.workdir``. ``model_fn``/``iterator_fn`` override the model and the data
     iterator (tests); by default Bagel and sgt_jax.data.pipeline.make_train_iterator."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO through absl
     parallel.maybe_initialize(config)
     parallel.check_platform(config)
     workdir = args.workdir
@@ -199,7 +212,7 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
             n_seg, n_vqa = n_seg + seg, n_vqa + vqa
             tokens = int(np.prod(batch["tokens"].shape))
             record = {k: (bool(v) if k == "applied" else float(v) if np.ndim(v) == 0 else v) for k, v in m.items()}
-            record.update(step_time_s=dt, tokens_per_s=tokens / dt, n_seg=seg, n_vqa=vqa,
+            record.update(batch_crc=_crc(host), step_time_s=dt, tokens_per_s=tokens / dt, n_seg=seg, n_vqa=vqa,
                           seg_vqa_ratio=(n_seg / n_vqa) if n_vqa else None,
                           tflops_per_device=flops / dt / jax.device_count() / 1e12,
                           mfu=(flops / (dt * jax.device_count() * peak)) if peak else None)

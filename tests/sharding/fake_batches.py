@@ -8,6 +8,10 @@ on the data pipeline's randomness.
 
 from __future__ import annotations
 
+import json
+import os
+import zlib
+
 import numpy as np
 
 from sgt_jax.configs_util import load_config
@@ -135,3 +139,56 @@ class FakeIterator:
 
     def stats(self):
         return {}
+
+
+def row_crc(batch: dict, i: int) -> int:
+    return zlib.crc32(np.ascontiguousarray(batch["tokens"][i]).tobytes())
+
+
+class _SlowNanIterator(FakeIterator):
+    """FakeIterator that sleeps per batch (so a test can kill the run mid-way) and can poison
+    ``latent_mean`` with NaN from batch ``nan_from`` on."""
+
+    def __init__(self, config, *, sleep: float, nan_from: int, **kw):
+        super().__init__(config, **kw)
+        self.sleep, self.nan_from = sleep, nan_from
+
+    def __next__(self):
+        import time
+
+        k = self.k
+        out = super().__next__()
+        if self.sleep:
+            time.sleep(self.sleep)
+        if 0 <= self.nan_from <= k:
+            out["latent_mean"] = np.full_like(out["latent_mean"], np.nan)
+        log = os.environ.get("SGT_TEST_DATA_LOG")
+        if log:  # which rows this process read: one crc per pack row
+            with open(f"{log}.p{self.pi}", "a") as f:
+                f.write(json.dumps([k] + [row_crc(out, i) for i in range(self.local)]) + "\n")
+        return out
+
+
+def main(argv) -> int:
+    """``python -m tests.sharding.fake_batches WORKDIR STEPS EVERY PACKS [SLEEP] [NAN_FROM] [MAX_BAD]``:
+    the training loop on fake batches with the small config (used by the subprocess tests)."""
+    import functools
+
+    from sgt_jax.main import ModeArgs
+    from sgt_jax.train import loop
+
+    workdir, steps, every, packs = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
+    sleep = float(argv[4]) if len(argv) > 4 else 0.0
+    nan_from = int(argv[5]) if len(argv) > 5 else -1
+    cfg = small_config(packs=packs, latents="cached")
+    cfg.train.steps, cfg.checkpoint.every = steps, every
+    if len(argv) > 6:
+        cfg.train.max_consecutive_nonfinite = int(argv[6])
+    it = functools.partial(_SlowNanIterator, sleep=sleep, nan_from=nan_from)
+    return loop.run(cfg, ModeArgs(workdir=workdir), iterator_fn=it)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

@@ -20,8 +20,8 @@ Why this shape of code:
 * ``logvar`` is returned raw (FLUX does not clamp it; diffusers clamps to [-30, 20] inside its
   DiagonalGaussianDistribution, which never binds for trained weights).
 
-Construction attaches logical names to every parameter (``nnx.with_partitioning``): build it inside a
-mesh + rules context or under ``nnx.use_eager_sharding(False)``.
+Every parameter carries logical names and is created unplaced (``eager_sharding=False``); placement
+comes from ``jit(out_shardings)`` through the rules table.
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ FROZEN_VAE_FILTER = nnx.PathContains("vae")
 ``nnx.All(nnx.Param, nnx.Not(FROZEN_VAE_FILTER))`` as the optimizer's ``wrt``."""
 
 
+def _named(init, names):
+    """Initializer carrying logical axis names, unplaced (see sgt_jax/models/layers.py ``make_param``)."""
+    return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
+
+
 def _as_dtype(d):
     return None if d is None else jnp.dtype(d)
 
@@ -43,8 +48,8 @@ def _conv(cin, cout, k, *, stride=1, padding=None, dtype, param_dtype, rngs):
     pad = padding if padding is not None else ((k // 2, k // 2), (k // 2, k // 2))
     return nnx.Conv(
         cin, cout, (k, k), strides=stride, padding=pad, dtype=dtype, param_dtype=param_dtype,
-        kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("conv_h", "conv_w", "conv_in", "conv_out")),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("conv_out",)),
+        kernel_init=_named(nnx.initializers.lecun_normal(), ("conv_h", "conv_w", "conv_in", "conv_out")),
+        bias_init=_named(nnx.initializers.zeros, ("conv_out",)),
         rngs=rngs,
     )
 
@@ -54,8 +59,8 @@ def _group_norm(c, groups, *, dtype, param_dtype, rngs):
         raise ValueError(f"vae channels {c} are not divisible by vae.num_groups {groups}")
     return nnx.GroupNorm(
         c, num_groups=groups, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
-        scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("norm",)),
+        scale_init=_named(nnx.initializers.ones, ("norm",)),
+        bias_init=_named(nnx.initializers.zeros, ("norm",)),
         rngs=rngs,
     )
 

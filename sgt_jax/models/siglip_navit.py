@@ -13,7 +13,7 @@ Why this shape of code:
   conversion table (sgt_jax/checkpoint/vision_tables.py) reads like a rename.
 * The encoder layers are *stacked*: every layer parameter has a leading ``layers`` axis and the
   forward runs ``jax.lax.scan`` over it, so compile time does not grow with depth (26 layers at 7B).
-* q/k/v/out kernels keep the head axis explicit ([embed, heads, head_dim]) so tensor parallelism can
+* q/k/v/out kernels (the shared ``layers.Dense``) keep the head axis explicit ([embed, heads, head_dim]) so tensor parallelism can
   shard heads through the logical axis rules.
 * Attention is written out (no kernel library): a dense path for short streams and a query-chunked
   path whose peak memory is O(chunk x P) instead of O(P^2) for long packed streams.
@@ -21,8 +21,8 @@ Why this shape of code:
   ids >= 0, so real tokens never see padding (id -1); padding rows see only padding, so every row
   has at least one visible key (itself) and the softmax stays finite without special cases.
 
-Module construction attaches logical sharding names to every parameter via ``nnx.with_partitioning``;
-build it inside a mesh + rules context, or under ``nnx.use_eager_sharding(False)`` (tests, CPU).
+Every parameter carries logical sharding names and is created unplaced (``eager_sharding=False``):
+placement comes from ``jit(out_shardings)`` through the rules table, as for the LLM.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sgt_jax.models.layers import Dense
 from sgt_jax.models.remat import POLICIES as REMAT_POLICIES
 from sgt_jax.models.remat import remat
 
@@ -44,39 +45,10 @@ def _as_dtype(d):
     return None if d is None else jnp.dtype(d)
 
 
-def _fan_in_init(in_axes, out_axes):
-    """LeCun-normal over the given input axes (kernels with more than two dims)."""
-    return nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal", in_axis=in_axes, out_axis=out_axes)
-
-
-class DenseGeneral(nnx.Module):
-    """``y = x . kernel + bias`` contracting the last ``len(in_shape)`` axes of x.
-
-    Written out (instead of nnx.LinearGeneral) so the kernel shape and its logical names are explicit:
-    kernel ``in_shape + out_shape`` named ``in_names + out_names``, bias ``out_shape`` named ``out_names``.
-    """
-
-    def __init__(self, in_shape, out_shape, in_names, out_names, *, dtype, param_dtype, rngs: nnx.Rngs):
-        in_shape, out_shape = tuple(in_shape), tuple(out_shape)
-        n_in = len(in_shape)
-        init = _fan_in_init(tuple(range(n_in)), tuple(range(n_in, n_in + len(out_shape))))
-        self.kernel = nnx.Param(
-            nnx.with_partitioning(init, tuple(in_names) + tuple(out_names))(rngs.params(), in_shape + out_shape,
-                                                                         param_dtype)
-        )
-        self.bias = nnx.Param(
-            nnx.with_partitioning(nnx.initializers.zeros, tuple(out_names))(rngs.params(), out_shape, param_dtype)
-        )
-        self.n_in = n_in
-        self.dtype = dtype
-
-    def __call__(self, x):
-        k, b = self.kernel[...], self.bias[...]
-        if self.dtype is not None:
-            x, k, b = x.astype(self.dtype), k.astype(self.dtype), b.astype(self.dtype)
-        n = self.n_in
-        y = jax.lax.dot_general(x, k, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ())))
-        return y + b
+def _named(init, names):
+    """Initializer carrying logical axis names; unplaced (placement comes from jit out_shardings), so the
+    module builds with or without a mesh context, like sgt_jax/models/layers.py ``make_param``."""
+    return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
 
 
 def _layer_norm(features, eps, *, dtype, param_dtype, rngs):
@@ -86,8 +58,8 @@ def _layer_norm(features, eps, *, dtype, param_dtype, rngs):
         dtype=dtype,
         param_dtype=param_dtype,
         use_fast_variance=False,
-        scale_init=nnx.with_partitioning(nnx.initializers.ones, ("norm",)),
-        bias_init=nnx.with_partitioning(nnx.initializers.zeros, ("norm",)),
+        scale_init=_named(nnx.initializers.ones, ("norm",)),
+        bias_init=_named(nnx.initializers.zeros, ("norm",)),
         rngs=rngs,
     )
 
@@ -133,10 +105,10 @@ class SiglipAttention(nnx.Module):
         hd = hv // nh
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         heads = ("vit_heads", "vit_head_dim")
-        self.q_proj = DenseGeneral((hv,), (nh, hd), ("vit_embed",), heads, **kw)
-        self.k_proj = DenseGeneral((hv,), (nh, hd), ("vit_embed",), heads, **kw)
-        self.v_proj = DenseGeneral((hv,), (nh, hd), ("vit_embed",), heads, **kw)
-        self.out_proj = DenseGeneral((nh, hd), (hv,), heads, ("vit_embed",), **kw)
+        self.q_proj = Dense(hv, (nh, hd), ("vit_embed",) + heads, use_bias=True, **kw)
+        self.k_proj = Dense(hv, (nh, hd), ("vit_embed",) + heads, use_bias=True, **kw)
+        self.v_proj = Dense(hv, (nh, hd), ("vit_embed",) + heads, use_bias=True, **kw)
+        self.out_proj = Dense((nh, hd), hv, heads + ("vit_embed",), use_bias=True, **kw)
         self.impl, self.chunk = attention_impl, attention_chunk
 
     def __call__(self, x, image_id):
@@ -148,8 +120,8 @@ class SiglipAttention(nnx.Module):
 class SiglipMLP(nnx.Module):
     def __init__(self, cfg, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = DenseGeneral((cfg.hidden_size,), (cfg.intermediate_size,), ("vit_embed",), ("vit_mlp",), **kw)
-        self.fc2 = DenseGeneral((cfg.intermediate_size,), (cfg.hidden_size,), ("vit_mlp",), ("vit_embed",), **kw)
+        self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, ("vit_embed", "vit_mlp"), use_bias=True, **kw)
+        self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, ("vit_mlp", "vit_embed"), use_bias=True, **kw)
 
     def __call__(self, x):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))  # gelu_pytorch_tanh
@@ -192,9 +164,9 @@ class SiglipNaViT(nnx.Module):
         self.patch_size, self.max_patches_per_side = ps, g
         self.remat_policy = remat_policy
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.patch_embedding = DenseGeneral((3 * ps * ps,), (hv,), ("vit_patch",), ("vit_embed",), rngs=rngs, **kw)
+        self.patch_embedding = Dense(3 * ps * ps, hv, ("vit_patch", "vit_embed"), use_bias=True, rngs=rngs, **kw)
         self.position_embedding = nnx.Embed(
-            g * g, hv, embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vit_pos", "vit_embed")),
+            g * g, hv, embedding_init=_named(nnx.initializers.normal(0.02), ("vit_pos", "vit_embed")),
             rngs=rngs, **kw,
         )
 

@@ -64,8 +64,7 @@ def setup():
     hf = _diffusers_vae(CFG)
     sd = {k: v.numpy() for k, v in hf.state_dict().items()}
     params = vae_state_dict_to_params(sd, CFG)
-    with nnx.use_eager_sharding(False):  # abstract build (no random init compute), then the weights
-        abstract = nnx.eval_shape(lambda: FluxVAE(CFG, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: FluxVAE(CFG, rngs=nnx.Rngs(0)))  # no random init compute
     graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return hf, sd, params, nnx.merge(graphdef, state, rest)

@@ -72,8 +72,7 @@ def setup():
 
 def _jax_model(cv, params, **kw):
     """Build abstractly (no random init compute) and fill in the converted weights."""
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: SiglipNaViT(cv, rngs=nnx.Rngs(1), **kw))
+    abstract = nnx.eval_shape(lambda: SiglipNaViT(cv, rngs=nnx.Rngs(1), **kw))
     graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
     nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
     return nnx.merge(graphdef, state, rest)

@@ -187,9 +187,10 @@ class SiglipNaViT(nnx.Module):
             raise ValueError(f"vit patches must be [B,P,{3 * ps * ps}], got {patches.shape}")
         if pos.shape != patches.shape[:2] or image_id.shape != patches.shape[:2]:
             raise ValueError(f"vit pos {pos.shape} / image_id {image_id.shape} must be {patches.shape[:2]}")
-        # Out-of-range ids would silently clamp in the gather; clip keeps pads (pos 0) valid and real
-        # ids are checked on the host by `patchify`.
-        x = self.patch_embedding(patches) + self.position_embedding(jnp.clip(pos, 0, g * g - 1))
+        # Padding rows look up row 0 whatever their pos holds. A real id outside [0, G²) gives NaN
+        # (jnp.take's fill mode), so a data bug shows up in the loss instead of silently clamping;
+        # host-side `patchify` rejects such images up front.
+        x = self.patch_embedding(patches) + self.position_embedding(jnp.where(image_id >= 0, pos, 0))
 
         graphdef, state = nnx.split(self.layers)
 

@@ -204,6 +204,10 @@ def test_vit_forward_grad_and_remat(cfg):
     assert out.shape == (1, 9, c.hidden_size)
     leaves = jax.tree.leaves(grads)
     assert leaves and all(np.isfinite(np.asarray(g)).all() for g in leaves)
+    # padding rows may carry any pos; a real row with an id outside the table is NaN, never clamped
+    run = jax.jit(lambda mm, p: mm(x, p, img))
+    np.testing.assert_array_equal(run(m, pos.at[0, 8].set(-5)), out)
+    assert np.isnan(np.asarray(run(m, pos.at[0, 0].set(c.max_patches_per_side ** 2)))[0, :4]).all()
     with pytest.raises(ValueError, match="vit patches"):
         m(jnp.ones((1, 9, 5)), pos, img)
     with pytest.raises(ValueError, match="remat_policy"):

@@ -155,6 +155,12 @@ def test_patchify_order_and_positions():
     # patch (1, 2), pixel (row 1, col 0) in the patch, channel 2 -> vector index (1*ps + 0)*3 + 2
     assert patches[1 * 3 + 2, (1 * ps + 0) * 3 + 2] == img[1 * ps + 1, 2 * ps + 0, 2]
     np.testing.assert_array_equal(patches[4], img[2:4, 2:4].reshape(-1))
+    # the data pipeline has its own copy (sgt_jax/data/transforms.py): the two must never drift apart
+    from sgt_jax.data.transforms import patchify as data_patchify
+
+    big = np.random.default_rng(1).uniform(-1, 1, (6, 10, 3)).astype(np.float32)
+    for a, b in zip(patchify(big, ps, g), data_patchify(big, ps, g)):
+        np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="multiples of the ViT patch size"):
         patchify(np.zeros((5, 4, 3)), ps, g)
     with pytest.raises(ValueError, match="at most 5 per side"):

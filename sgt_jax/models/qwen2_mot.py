@@ -181,19 +181,21 @@ class Qwen2MoT(nnx.Module):
             raise ValueError(f"num_und={num_und} outside [0, {t}]")
         if meta.doc.shape != (b, t) or rope_pos.shape != (b, t):
             raise ValueError(f"meta {meta.doc.shape} / rope_pos {rope_pos.shape} must be [B, T] = {(b, t)}")
-        x = x.astype(self.dtype)
-        if self.freeze_und and num_und:
-            x = jnp.concatenate([jax.lax.stop_gradient(x[:, :num_und]), x[:, num_und:]], axis=1)
-        cos, sin = rope_cos_sin(rope_pos, self.head_dim, self.theta)
-        graphdef, state = nnx.split(self.layers)
         if kv_cache is not None:
             want = (self.num_layers, b)
             if kv_cache.k.shape[:2] != want or kv_cache.v.shape != kv_cache.k.shape:
                 raise ValueError(f"kv_cache k/v must be [num_layers, B, S, Hkv, D] with leading {want}; "
                                  f"got {kv_cache.k.shape} / {kv_cache.v.shape}")
+            if kv_cache.meta.doc.shape != kv_cache.k.shape[1:3]:
+                raise ValueError(f"kv_cache meta {kv_cache.meta.doc.shape} must be [B, S] = {kv_cache.k.shape[1:3]}")
             cache_k, cache_v, cache_meta = kv_cache
         else:
             cache_k = cache_v = cache_meta = None
+        x = x.astype(self.dtype)
+        if self.freeze_und and num_und:
+            x = jnp.concatenate([jax.lax.stop_gradient(x[:, :num_und]), x[:, num_und:]], axis=1)
+        cos, sin = rope_cos_sin(rope_pos, self.head_dim, self.theta)
+        graphdef, state = nnx.split(self.layers)
 
         def body(h, xs):
             layer_state, ck, cv = xs

@@ -327,5 +327,8 @@ def _inference(c, variant):
         # attention allocation (sgt_jax/eval/attention_analysis.py)
         attn_num_prompts=2 if tiny else 100,
         attn_gen_step_fractions=(0.0, 0.5),  # denoising steps (fraction of N-1) where word attention is read
+        # word-attention image size (H, W): the dense probabilities cost layers*heads*Z*(S+Z) floats, so 7b
+        # reads them at 512² (1024 latent tokens, ~3.5 GB) rather than 1024²
+        attn_gen_size=(32, 32) if tiny else (512, 512),
         lexicon="",  # JSON file {"object": [...], "color": [...], "position": [...]}; "" = built-in lexicon
     ))

@@ -73,10 +73,9 @@ def word_attention(inf, prompt: str, lexicon: Lexicon, *, height: int, width: in
     per_token = np.zeros(len(ids))
     for i, (t, dt) in enumerate(zip(ts, dts)):
         if i in read_at:
-            probs = inf.engine.query_probs(gen, q, x, float(t))  # [L, 1, Hq, T_q, S + T_q]
-            # latent query rows are block positions 2..; prompt words are cache slots 1..len(ids)
-            p = probs[:, 0, :, 2:, 1:1 + len(ids)]
-            per_token += np.asarray(p.mean(axis=(0, 1, 2)))
+            probs = inf.engine.query_probs(gen, q, x, float(t))  # [L, S + T_q], latent rows averaged
+            # the prompt's word tokens are cache slots 1..len(ids) (slot 0 is <|im_start|>)
+            per_token += np.asarray(probs[:, 1:1 + len(ids)].mean(axis=0))
         if i >= max(read_at):
             break
         v = inf.engine.velocity([gen], q, x, float(t))[0]  # conditional flow only (no CFG) for the path

@@ -254,7 +254,8 @@ def run_evaluate(config, args):
     vision, prompts = _attention_set(config, args)
     result = attention_report(
         inf, vision, prompts, out_dir, lexicon=load_lexicon(str(a.lexicon)), vit_transform=tuple(u.vit_transform),
-        gen_settings=dict(height=int(g.height), width=int(g.width), num_timesteps=int(g.num_timesteps),
+        gen_settings=dict(height=int(a.attn_gen_size[0]), width=int(a.attn_gen_size[1]),
+                          num_timesteps=int(g.num_timesteps),
                           timestep_shift=float(g.timestep_shift),
                           step_fractions=tuple(a.attn_gen_step_fractions), seed=int(g.seed)))
     if "word_attention" in result:

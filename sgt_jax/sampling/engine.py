@@ -180,8 +180,9 @@ class Engine:
                               jnp.float32(t))
 
     def query_probs(self, ctx: Context, block: dict, x, t):
-        """Attention probabilities ``[L, 1, Hq, T, S+T]`` (fp32, dense path) of the latent query block
-        against [``ctx`` cache ‖ block] at latents ``x`` and timestep ``t`` (for the analyses)."""
+        """Attention probabilities of the latent query block's LATENT tokens against [``ctx`` cache ‖
+        block] at latents ``x`` and timestep ``t``, averaged over heads and latent tokens: ``[L, S+T]``
+        (fp32, dense path; for the analyses). Memory inside: ``L·Hq·T·(S+T)`` floats."""
         meta, rope = block_meta(block, ctx)
         arrays = {k: v for k, v in block.items() if isinstance(v, np.ndarray)}
         return self._query_probs(self.state, stack_contexts([ctx]), arrays, meta, rope,
@@ -241,7 +242,7 @@ def _velocity_fn(static, state, cache, arrays, meta, rope, x, t, return_probs=Fa
     emb, u = _embed(model, arrays, x_t, jnp.full((b, z), t, jnp.float32))
     h, _, probs = model.llm(emb, meta, rope, num_und=u, kv_cache=cache, return_probs=return_probs)
     if return_probs:
-        return probs
+        return probs[:, :, :, u:, :].mean(axis=(1, 2, 3))
     return model.llm2vae(h[:, u:]).astype(jnp.float32)
 
 

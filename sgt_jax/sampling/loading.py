@@ -37,6 +37,38 @@ def abstract_model_and_params(config):
     return abstract, target, mesh
 
 
+def random_params(config, seed: int = 0, std: float = 0.05) -> dict:
+    """A random pure-dict parameter tree for ``config.model`` (tests, demos): norm scales 1, biases 0,
+    other weights N(0, std), drawn with numpy leaf by leaf and placed in each leaf's sharding. No
+    model-init compile (the tiny model's jitted init takes minutes on a small CPU).
+
+    Every leaf is built on the host in full: meant for small models only."""
+    import numpy as np
+
+    _, target, _ = abstract_model_and_params(config)
+    rng = np.random.default_rng(seed)
+
+    def fill(path, x):
+        name = str(getattr(path[-1], "key", path[-1]))
+        if name == "scale":
+            value = np.ones(x.shape, x.dtype)
+        elif name == "bias":
+            value = np.zeros(x.shape, x.dtype)
+        else:
+            value = (std * rng.standard_normal(x.shape)).astype(x.dtype)
+        return jax.device_put(value, x.sharding)
+
+    return jax.tree_util.tree_map_with_path(fill, target)
+
+
+def model_from_params(config, pure: dict):
+    """A Bagel of ``config.model`` holding the given pure-dict parameters."""
+    abstract, _, _ = abstract_model_and_params(config)
+    state = nnx.state(abstract, nnx.Param)
+    state.replace_by_pure_dict(pure)
+    return nnx.merge(nnx.graphdef(abstract), state)
+
+
 def _has_training_checkpoints(workdir: str) -> bool:
     d = store.checkpoint_dir(workdir)
     return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
@@ -68,5 +100,4 @@ def load_model(config, workdir: str, step: int | None = None, weights: str = "em
         source = os.path.join(src, store.PARAMS_DIR)
     state = nnx.state(abstract, nnx.Param)
     state.replace_by_pure_dict(pure)
-    model = nnx.merge(nnx.graphdef(abstract), state)
-    return model, source
+    return nnx.merge(nnx.graphdef(abstract), state), source

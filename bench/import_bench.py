@@ -44,6 +44,34 @@ def _model(layers: int):
     return config
 
 
+class _ProcSampler:
+    """Samples /proc/self/status every 20 ms: peak RssAnon (private memory: numpy buffers and, on CPU,
+    the device arrays) and peak RssFile (pages of the memory-mapped safetensors file: clean page cache,
+    reclaimable, counted in RSS while mapped)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            with open("/proc/self/status") as f:
+                for line in f:
+                    k = line.split(":")[0]
+                    if k in self.peak:
+                        self.peak[k] = max(self.peak[k], int(line.split()[1]))  # KiB
+            self._stop.wait(0.02)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._t.join()
+        return {k: round(v / 1024) for k, v in self.peak.items()}
+
+
 def child(folder: str) -> dict:
     """Import ``folder`` parameter by parameter, dropping each; return the measurements."""
     import jax
@@ -62,6 +90,7 @@ def child(folder: str) -> dict:
     abstract = convert.abstract_params(m, *convert._mesh_and_rules(config))
     t_setup = time.time() - t0
     tracemalloc.start()  # after the model tracing (tracemalloc slows Python down a lot)
+    sampler = _ProcSampler()
     largest = 0
     with SliceReader(fold.ema_path) as reader:
         for e in convert.bagel_table(m):
@@ -80,11 +109,13 @@ def child(folder: str) -> dict:
     seconds = time.time() - t0
     _, np_peak = tracemalloc.get_traced_memory()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    proc_peaks = sampler.stop()
     n_params = sum(int(np.prod(s.shape)) for s in jax.tree.leaves(abstract))
     return {"llm_layers": m.llm.num_layers, "vit_layers": m.vit.num_layers, "params": n_params,
             "seconds": round(seconds, 2), "setup_seconds": round(t_setup, 2),
             "bytes_read": ema_read + ae_read, "mb_per_s": round((ema_read + ae_read) / 2**20 / seconds, 1),
             "peak_rss_mib": round(peak_rss / 1024), "rss_before_import_mib": round(base_rss / 1024),
+            "peak_rss_anon_mib": proc_peaks["RssAnon"], "peak_rss_file_mib": proc_peaks["RssFile"],
             "numpy_peak_mib": round(np_peak / 2**20), "largest_param_mib": round(largest / 2**20),
             "devices": jax.device_count(), "backend": jax.default_backend()}
 
@@ -128,11 +159,12 @@ def main():
     cmd = "python bench/import_bench.py " + " ".join(sys.argv[1:])
     lines = [f"\n## Run of {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}\n", f"Command: `{cmd.strip()}`\n",
              "| LLM+ViT layers | params | folder GiB | read GiB | import s | MB/s | peak RSS MiB | "
-             "RSS before MiB | numpy peak MiB | largest param MiB | devices |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak RssAnon MiB | peak RssFile MiB | RSS before MiB | numpy peak MiB | largest param MiB | devices |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['llm_layers']}+{r['vit_layers']} | {r['params'] / 1e9:.2f} B | {r['folder_gib']} | "
                      f"{r['bytes_read'] / 2**30:.2f} | {r['seconds']} | {r['mb_per_s']} | {r['peak_rss_mib']} | "
+                     f"{r.get('peak_rss_anon_mib', '-')} | {r.get('peak_rss_file_mib', '-')} | "
                      f"{r['rss_before_import_mib']} | {r['numpy_peak_mib']} | {r['largest_param_mib']} | "
                      f"{r['devices']} {r['backend']} |")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)

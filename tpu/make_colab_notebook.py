@@ -124,8 +124,14 @@ draw.rectangle((120, 110, 200, 200), fill=(30, 60, 220))
 draw.polygon([(40, 200), (90, 140), (110, 210)], fill=(40, 170, 60))
 img.save(IMAGE)
 display(Image(filename=IMAGE, width=192))"""),
-code("""# understand: image + question -> answer
-run_mode("understand", MODEL_CFG, workdir=MODEL_DIR, prompt="What shapes are in this image?", images=(IMAGE,))"""),
+code("""# understand: image + question -> answer (also saved to <workdir>/understand/answers.jsonl)
+import json
+
+run_mode("understand", MODEL_CFG, workdir=MODEL_DIR, prompt="What shapes are in this image?", images=(IMAGE,))
+with open(os.path.join(MODEL_DIR, "understand", "answers.jsonl")) as f:
+    answer = json.loads(f.readlines()[-1])
+print("Q:", answer.get("prompt"))
+print("A:", answer.get("answer", answer))"""),
 code("""# generate: text -> image
 t0 = run_mode("generate", MODEL_CFG, workdir=MODEL_DIR, prompt="A red circle next to a blue square.")
 show_new_images(MODEL_DIR, t0)"""),

@@ -66,12 +66,14 @@ def read_params_meta(workdir: str) -> dict:
         return json.load(f)
 
 
-def load_params(workdir: str, abstract_params: Any) -> Any:
-    """Restore <workdir>/params into the shardings carried by ``abstract_params`` (ShapeDtypeStructs)."""
+def load_params(workdir: str, abstract_params: Any, *, strict: bool = True) -> Any:
+    """Restore <workdir>/params into the shardings carried by ``abstract_params`` (ShapeDtypeStructs).
+
+    ``strict=False`` restores a subset of the saved tree (e.g. a model built without its VAE)."""
     path = os.path.abspath(os.path.join(workdir, PARAMS_DIR))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"no imported parameters in {workdir!r}: {path} does not exist")
-    return ocp.StandardCheckpointer().restore(path, abstract_params)
+    return ocp.StandardCheckpointer().restore(path, abstract_params, strict=strict)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -94,11 +94,13 @@ def initial_state(config, spec: state_lib.StateSpec, mesh: Mesh) -> dict:
         if saved_scan is not None and bool(saved_scan) != bool(config.model.get("scan_layers", True)):
             raise ValueError(f"init_from {src!r} was written with scan_layers={saved_scan}, the config has "
                              f"{config.model.get('scan_layers', True)}")
-        params = store.load_params(src, target)
+        # A model without its VAE (cached latents) restores the subset it has.
+        params = store.load_params(src, target, strict="vae" in target)
     elif os.path.exists(os.path.join(src, "llm_config.json")):
         from sgt_jax.checkpoint import convert  # the conversion engineer's import machinery
 
         params, _, _ = convert.import_folder(src, config, progress=jax.process_index() == 0)
+        params = {k: v for k, v in params.items() if k in target}  # no VAE in a cached-latent model
     else:
         raise FileNotFoundError(f"config.checkpoint.init_from={src!r} is neither an imported workdir "
                                 f"({store.PARAMS_META}) nor a BAGEL folder (llm_config.json)")

@@ -177,6 +177,8 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
     start = int(jax.device_get(state["step"]))
     print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices, "
           f"{jax.process_count()} process(es); starting at step {start} of {total_steps}")
+    if start >= total_steps:
+        print(f"nothing to train: the checkpoint is at step {start} >= config.train.steps={total_steps}")
 
     writer = metrics_lib.MetricWriter(workdir, tensorboard=bool(tc.get("tensorboard", True)), resume_step=start)
     stop = _StopFlag()
@@ -187,6 +189,7 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
     n_seg = n_vqa = 0
     last_saved = start if manager.latest_step() == start else None
     times = []
+    data_stats = None
     step = start
     try:
         from tqdm import tqdm
@@ -238,6 +241,13 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
         store.wait(manager)
         manager.close()
         writer.close()
+        if hasattr(iterator, "stats"):
+            try:
+                data_stats = iterator.stats()
+            except Exception as err:  # noqa: BLE001 - stats are informative only
+                data_stats = f"unavailable: {err}"
+        if hasattr(iterator, "close"):
+            iterator.close()
     if step == total_steps and str(config.checkpoint.get("export_at_end", "") or ""):
         _export(config, workdir, step)
     steady = times[1:] if len(times) > 1 else times
@@ -247,14 +257,9 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
         "skipped_steps": int(jax.device_get(state["skipped"])), "n_seg": n_seg, "n_vqa": n_vqa,
         "seg_vqa_ratio": (n_seg / n_vqa) if n_vqa else None,
     }
-    if hasattr(iterator, "stats"):
-        try:
-            summary["data"] = iterator.stats()
-        except Exception as err:  # noqa: BLE001 - stats are informative only
-            summary["data"] = f"unavailable: {err}"
-    if hasattr(iterator, "close"):
-        iterator.close()
-    print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items() if k != "data"))
+    print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    if data_stats:
+        print(f"data: {data_stats}")
     return 0
 
 

@@ -34,9 +34,9 @@ class MetricWriter:
         if not self.enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        if os.path.exists(self.path):  # keep only the history that led to the restored state
+        if os.path.exists(self.path):  # keep only the history that led to the restored state (steps 1..resume)
             with open(self.path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) < resume_step]
+                keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             with open(self.path, "w") as f:
                 f.writelines(keep)
         self._file = open(self.path, "a")

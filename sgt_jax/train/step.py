@@ -38,7 +38,7 @@ def make_step_fn(config, spec: StateSpec) -> Callable:
     num_images = int(config.data.pack.vae_images)
     decay = float(train_cfg.get("ema_decay", 0.0))
     ema_device = None
-    if spec.use_ema and spec.shardings["ema"] is not None:
+    if spec.use_ema:
         ema_device = jax.tree.map(lambda s: s.with_memory_kind("device") if s.memory_kind == "pinned_host" else None,
                                   spec.shardings["ema"])
 

@@ -130,3 +130,38 @@ def test_restore_from_8_onto_4_devices(runs, tmp_path):
         assert a.sharding.mesh.devices.size == 4
     q = restored["params"]["llm"]["layers"]["und"]["q_proj"]["kernel"]
     assert q.sharding.spec == spec4.shardings["params"]["llm"]["layers"]["und"]["q_proj"]["kernel"].value.spec
+
+
+def test_init_from_imported_workdir_and_load_for_inference(runs, tmp_path):
+    from sgt_jax.checkpoint import store
+
+    cfg, run = runs["cfg"].copy_and_resolve_references(), runs["eight"]
+    spec, mesh = run["spec"], run["mesh"]
+    # an "imported" workdir: all model parameters + params_meta.json (what --mode import writes)
+    imported = jax.tree.map(lambda x: x * 0.5 + 1.0, state_lib.full_params_from_state(spec, run["init"]))
+    store.save_params(str(tmp_path / "imported"), imported, {"layout": {"scan_layers": True}})
+    cfg.checkpoint.init_from = str(tmp_path / "imported")
+    state = checkpointing.initial_state(cfg, spec, mesh)
+    got = _host(state_lib.full_params_from_state(spec, state))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(_host(imported))):
+        np.testing.assert_array_equal(a, b)
+    for e, p in zip(jax.tree.leaves(_host(state["ema"])), jax.tree.leaves(_host(state["params"]))):
+        np.testing.assert_array_equal(e, p)  # SGT: the imported weights initialise the EMA too
+    import optax
+
+    counts = optax.tree_utils.tree_get_all_with_path(state["opt"], "count")
+    assert counts and all(int(c) == 0 for _, c in counts)  # a fresh optimizer
+    # a training checkpoint read back for inference: raw and EMA weights, frozen parts included
+    state = dict(state, ema=jax.tree.map(lambda x: x - 1.0, state["ema"]))
+    workdir = str(tmp_path / "train")
+    manager = store.make_manager(workdir, keep=2)
+    checkpointing.save_state(manager, state, data_state={}, config=cfg, mesh=mesh, force=True)
+    store.wait(manager)
+    manager.close()
+    target = state_lib.full_param_target(spec)
+    raw = _host(store.load_for_inference(workdir, weights="raw", abstract_params=target))
+    ema = _host(store.load_for_inference(workdir, weights="ema", abstract_params=target))
+    np.testing.assert_array_equal(raw["vit"]["patch_embedding"]["kernel"],
+                                  _host(imported)["vit"]["patch_embedding"]["kernel"])  # frozen: as imported
+    np.testing.assert_array_equal(ema["vit"]["patch_embedding"]["kernel"], raw["vit"]["patch_embedding"]["kernel"])
+    np.testing.assert_array_equal(ema["llm2vae"]["kernel"], raw["llm2vae"]["kernel"] - 1.0)

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sgt_jax.models.layers import canonical_dtype
+
 FROZEN_VAE_FILTER = nnx.PathContains("vae")
 """Matches every variable under a module attribute named ``vae`` (Bagel.vae): pass
 ``nnx.All(nnx.Param, nnx.Not(FROZEN_VAE_FILTER))`` as the optimizer's ``wrt``."""
@@ -38,10 +40,6 @@ FROZEN_VAE_FILTER = nnx.PathContains("vae")
 def _named(init, names):
     """Initializer carrying logical axis names, unplaced (see sgt_jax/models/layers.py ``make_param``)."""
     return nnx.with_partitioning(init, tuple(names), eager_sharding=False)
-
-
-def _as_dtype(d):
-    return None if d is None else jnp.dtype(d)
 
 
 def _conv(cin, cout, k, *, stride=1, padding=None, dtype, param_dtype, rngs):
@@ -212,7 +210,7 @@ class FluxVAE(nnx.Module):
     """
 
     def __init__(self, cfg_vae, *, dtype="float32", param_dtype="float32", rngs: nnx.Rngs):
-        kw = dict(dtype=_as_dtype(dtype), param_dtype=_as_dtype(param_dtype), rngs=rngs)
+        kw = dict(dtype=canonical_dtype(dtype), param_dtype=canonical_dtype(param_dtype), rngs=rngs)
         self.encoder = Encoder(cfg_vae, **kw)
         self.decoder = Decoder(cfg_vae, **kw)
         self.z_channels = int(cfg_vae.z_channels)

@@ -13,8 +13,8 @@ Why this shape of code:
   conversion table (sgt_jax/checkpoint/vision_tables.py) reads like a rename.
 * The encoder layers are *stacked*: every layer parameter has a leading ``layers`` axis and the
   forward runs ``jax.lax.scan`` over it, so compile time does not grow with depth (26 layers at 7B).
-* q/k/v/out kernels (the shared ``layers.Dense``) keep the head axis explicit ([embed, heads, head_dim]) so tensor parallelism can
-  shard heads through the logical axis rules.
+* q/k/v/out kernels (the shared ``layers.Dense``) keep the head axis explicit ([embed, heads, head_dim])
+  so tensor parallelism can shard heads through the logical axis rules.
 * Attention is written out (no kernel library): a dense path for short streams and a query-chunked
   path whose peak memory is O(chunk x P) instead of O(P^2) for long packed streams.
 * The image-id mask allows a query to see key k iff ``image_id[q] == image_id[k]``. Real images have
@@ -34,15 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgt_jax.models.layers import Dense
+from sgt_jax.models.layers import Dense, canonical_dtype
 from sgt_jax.models.remat import POLICIES as REMAT_POLICIES
 from sgt_jax.models.remat import remat
 
 ATTENTION_IMPLS = ("dense", "chunked")
-
-
-def _as_dtype(d):
-    return None if d is None else jnp.dtype(d)
 
 
 def _named(init, names):
@@ -159,7 +155,7 @@ class SiglipNaViT(nnx.Module):
             raise ValueError(f"attention_impl {attention_impl!r} unknown; choose one of {ATTENTION_IMPLS}")
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy {remat_policy!r} unknown; choose one of {REMAT_POLICIES}")
-        dtype, param_dtype = _as_dtype(dtype), _as_dtype(param_dtype)
+        dtype, param_dtype = canonical_dtype(dtype), canonical_dtype(param_dtype)
         ps, g, hv = int(cfg_vit.patch_size), int(cfg_vit.max_patches_per_side), int(cfg_vit.hidden_size)
         self.patch_size, self.max_patches_per_side = ps, g
         self.remat_policy = remat_policy

@@ -104,7 +104,8 @@ def test_flux_naming_roundtrip(setup):
     assert "decoder.up.0.block.0.nin_shortcut.weight" in flux  # level 0 is the highest resolution
     assert "decoder.up.0.upsample.conv.weight" not in flux and "decoder.up.2.upsample.conv.weight" in flux
     # diffusers' decoder block 0 is FLUX level n-1; attention Linear (C,C) is the 1x1 conv (C,C,1,1).
-    np.testing.assert_array_equal(flux["decoder.up.2.block.0.conv1.weight"], sd["decoder.up_blocks.0.resnets.0.conv1.weight"])
+    np.testing.assert_array_equal(flux["decoder.up.2.block.0.conv1.weight"],
+                                  sd["decoder.up_blocks.0.resnets.0.conv1.weight"])
     np.testing.assert_array_equal(flux["encoder.mid.attn_1.q.weight"][:, :, 0, 0],
                                   sd["encoder.mid_block.attentions.0.to_q.weight"])
     again = vae_state_dict_to_params(flux, CFG)

@@ -64,7 +64,7 @@ def _model_7b():
     m.scan_layers = True
     m.remat_policy = "full"  # none | full | dots | dots_no_batch | qkv_out (sgt_jax/models/remat.py)
     m.attention_impl = "chunked"  # "dense" (tests, small packs) or "chunked" (memory-lean, long packs)
-    m.attention_chunk = 512  # query/key block size of the "chunked" attention
+    m.attention_chunk = 1024  # query/key block of "chunked" attention (H200, 16k tokens: docs/model.md)
     m.freeze_und = False  # True: stop gradients at the und expert (reference freeze_und, specs/bagel.md §1.3)
     return m
 

@@ -162,7 +162,9 @@ def chunked_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, chunk: i
         out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # fully masked (pad) rows: exactly 0
         return jnp.moveaxis(out, 3, 1)  # [B, cq, Hkv, G, D]
 
-    out = jax.lax.map(one_query_block, (q_blocks, qm_blocks))  # [nq, B, cq, Hkv, G, D]
+    # Remat per query block: the backward pass keeps only each block's inputs and recomputes its key
+    # scan, so saved residuals are O(T·D), not O(T²·D/chunk) (measured: 8 GiB -> see docs/model.md at 16k).
+    out = jax.lax.map(jax.checkpoint(one_query_block, prevent_cse=False), (q_blocks, qm_blocks))  # [nq,B,cq,Hkv,G,D]
     out = jnp.moveaxis(out, 0, 1).reshape(b, nq * cq, hq, d)[:, :tq]
     return out.astype(q.dtype)
 

@@ -8,8 +8,8 @@ affines too) and reach our module through ``vae_state_dict_to_params`` in diffus
 naming path is checked by exporting and re-importing.
 
 Compared: posterior mean and logvar (diffusers' logvar clamp to [-30, 20] does not bind here, which
-is asserted) and the decoder output for a given latent. Tolerance: fp32, max abs diff <= 1e-4 on
-outputs of O(1) (13 conv layers deep with GroupNorm; typical observed error is ~1e-6).
+is asserted) and the decoder output for a given latent. Tolerance: fp32, max abs diff <= 2e-5 on
+outputs of O(1) (observed: 2.3e-6 mean/logvar, 3.1e-6 decode on outputs up to 3.3).
 """
 
 import ml_collections
@@ -31,7 +31,7 @@ from sgt_jax.checkpoint.vision_tables import (  # noqa: E402
 )
 from sgt_jax.models.flux_vae import FluxVAE  # noqa: E402
 
-ATOL = 1e-4
+ATOL = 2e-5
 
 CFG = ml_collections.ConfigDict(dict(in_channels=3, out_channels=3, ch=16, ch_mult=(1, 2, 2), num_res_blocks=2,
                                      z_channels=16, num_groups=8, scale_factor=0.3611, shift_factor=0.1159))

@@ -10,7 +10,7 @@ unchanged (Conv2d patch embedding, eager attention, tanh-GELU MLP, post_layernor
 
 The HF Conv2d patch weight reaches our Linear patch embedding through ``vit_state_dict_to_params``,
 which accepts the Conv2d form and converts (O,C,kh,kw) -> (O,kh,kw,C) -> (O, kh*kw*C).
-Tolerance: fp32 everywhere, max abs diff <= 2e-5 on outputs of O(1).
+Tolerance: fp32 everywhere, max abs diff <= 2e-5 on outputs of O(1) (observed 1.8e-6, outputs up to 3.8).
 """
 
 import numpy as np

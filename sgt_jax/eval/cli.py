@@ -77,7 +77,8 @@ def _segment_items(config, args):
     return out
 
 
-def run_segment(config, args):
+def segment_mode(config, args) -> dict:
+    """--mode segment; returns the summary."""
     from tqdm import tqdm
 
     from sgt_jax.data.transforms import resize
@@ -202,7 +203,8 @@ def _attention_set(config, args):
     return vision, prompts
 
 
-def run_evaluate(config, args):
+def evaluate_mode(config, args) -> dict:
+    """--mode evaluate; returns the result of the chosen kind."""
     e = config.evaluate
     if e.kind not in EVAL_KINDS:
         raise ValueError(f"config.evaluate.kind must be one of {EVAL_KINDS}, got {e.kind!r}")
@@ -263,3 +265,12 @@ def run_evaluate(config, args):
                                                     result["word_attention"]["mean_shares"].items()))
     print(f"attention -> {out_dir}")
     return result
+
+
+# absl's app.run passes main's return value to sys.exit: the CLI entry points return None.
+def run_segment(config, args) -> None:
+    segment_mode(config, args)
+
+
+def run_evaluate(config, args) -> None:
+    evaluate_mode(config, args)

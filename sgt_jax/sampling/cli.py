@@ -87,7 +87,8 @@ def save_png(image: np.ndarray, path: str, info: dict) -> str:
     return path
 
 
-def run_understand(config, args):
+def understand_mode(config, args) -> str:
+    """--mode understand; returns the answers file."""
     from tqdm import tqdm
 
     u = config.understand
@@ -142,7 +143,8 @@ def generate_one(inf, config, prompt: str, images: list[np.ndarray], seed: int, 
     return image, info
 
 
-def run_generate(config, args):
+def generate_mode(config, args) -> list[str]:
+    """--mode generate; returns the written PNG paths."""
     from tqdm import tqdm
 
     g = config.generate
@@ -162,3 +164,12 @@ def run_generate(config, args):
             written.append(save_png(image, os.path.join(out_dir, f"{r['id']}_{k}.png"), info))
     print(f"generate: {len(written)} image(s) in {time.time() - t0:.1f}s -> {out_dir}")
     return written
+
+
+# absl's app.run passes main's return value to sys.exit: the CLI entry points return None.
+def run_understand(config, args) -> None:
+    understand_mode(config, args)
+
+
+def run_generate(config, args) -> None:
+    generate_mode(config, args)

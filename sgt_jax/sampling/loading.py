@@ -2,7 +2,9 @@
 
 Where the weights come from (first that exists):
   1. ``<workdir>/checkpoints/<step>``: a training checkpoint; ``--step`` picks one (default latest),
-     ``--weights ema|raw`` which copy (``store.load_for_inference``);
+     ``--weights ema|raw`` which copy (``store.load_for_inference``); a run trained on cached latents
+     keeps no VAE, which then comes from ``config.checkpoint.init_from``'s imported parameters (that
+     restore reads the whole imported tree once and keeps only the VAE);
   2. ``<workdir>/params``: imported (or saved) parameters (``store.load_params``);
   3. ``config.checkpoint.init_from`` naming a workdir with (2).
 Anything else is an error naming the paths tried. Nothing is materialised on one host: the model is
@@ -69,6 +71,19 @@ def model_from_params(config, pure: dict):
     return nnx.merge(nnx.graphdef(abstract), state)
 
 
+def _resolve_step(workdir: str, step: int | None) -> int:
+    manager = store.make_manager(workdir, keep=1_000_000, async_save=False, read_only=True)
+    try:
+        steps = store.all_steps(manager)
+    finally:
+        manager.close()
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"--step={step} not in {store.checkpoint_dir(workdir)} (steps: {steps})")
+    return step
+
+
 def _has_training_checkpoints(workdir: str) -> bool:
     d = store.checkpoint_dir(workdir)
     return os.path.isdir(d) and any(n.isdigit() for n in os.listdir(d))
@@ -81,8 +96,21 @@ def load_model(config, workdir: str, step: int | None = None, weights: str = "em
     abstract, target, _ = abstract_model_and_params(config)
     init_from = config.checkpoint.get("init_from", "") if "checkpoint" in config else ""
     if _has_training_checkpoints(workdir):
-        pure = store.load_for_inference(workdir, step, weights, abstract_params=target)
-        source = f"{store.checkpoint_dir(workdir)} step {step if step is not None else 'latest'} ({weights})"
+        step = _resolve_step(workdir, step)
+        layout = store.read_json_item(workdir, step, "layout")
+        source = f"{store.checkpoint_dir(workdir)} step {step} ({weights})"
+        if layout.get("with_vae", True):
+            pure = store.load_for_inference(workdir, step, weights, abstract_params=target)
+        else:
+            # Runs on cached latents keep no VAE: take it from the imported weights the run started from.
+            if not init_from or not os.path.isdir(os.path.join(init_from, store.PARAMS_DIR)):
+                raise FileNotFoundError(
+                    f"checkpoint step {step} in {workdir} has no VAE (trained on cached latents) and "
+                    f"config.checkpoint.init_from={init_from!r} names no imported workdir to take it from")
+            pure = store.load_for_inference(workdir, step, weights,
+                                            abstract_params={k: v for k, v in target.items() if k != "vae"})
+            pure["vae"] = store.load_params(init_from, target)["vae"]
+            source += f" + VAE from {os.path.join(init_from, store.PARAMS_DIR)}"
     elif step is not None:
         raise FileNotFoundError(f"--step={step} given but {store.checkpoint_dir(workdir)} holds no checkpoints")
     else:

@@ -44,6 +44,7 @@ def _config(**overrides):
     # one scene size and 2 Euler steps: fewer compiled shapes (the suite runs on 2 CPU cores)
     cfg.data.sources.synthetic.sizes = ((64, 64),)
     cfg.generate.num_timesteps = 3
+    cfg.generate.cache_bucket = cfg.understand.cache_bucket = 128  # one cache capacity for every request
     for k, v in overrides.items():
         sec, field = k.split(".")
         cfg[sec][field] = v
@@ -51,29 +52,29 @@ def _config(**overrides):
 
 
 def test_understand_single_and_batch(workdir):
-    from sgt_jax.sampling.cli import run_understand
+    from sgt_jax.sampling.cli import understand_mode
 
     img = os.path.join(workdir, "input.png")
-    path = run_understand(_config(), _args(workdir, prompt="what colour is the square", images=(img,)))
+    path = understand_mode(_config(), _args(workdir, prompt="what colour is the square", images=(img,)))
     rec = [json.loads(l) for l in open(path)]
     assert len(rec) == 1 and isinstance(rec[0]["answer"], str) and rec[0]["settings"]["max_new_tokens"] == 16
     req = os.path.join(workdir, "questions.jsonl")
     with open(req, "w") as f:
         f.write(json.dumps({"id": "a", "question": "how many shapes are in the image", "image": "input.png"}) + "\n")
         f.write(json.dumps({"id": "b", "prompt": "what colour is the circle", "images": ["input.png"]}) + "\n")
-    path = run_understand(_config(), _args(workdir, input=req))
+    path = understand_mode(_config(), _args(workdir, input=req))
     recs = [json.loads(l) for l in open(path)]
     assert [r["id"] for r in recs] == ["a", "b"] and recs[1]["images"] == [img]
 
 
 def test_generate_t2i_and_edit(workdir):
-    from sgt_jax.sampling.cli import run_generate
+    from sgt_jax.sampling.cli import generate_mode
 
     req = os.path.join(workdir, "gen.jsonl")
     with open(req, "w") as f:
         f.write(json.dumps({"id": "t2i", "prompt": "a red circle", "seed": 7}) + "\n")
         f.write(json.dumps({"id": "edit", "prompt": "make it blue", "image": "input.png"}) + "\n")
-    written = run_generate(_config(), _args(workdir, input=req))
+    written = generate_mode(_config(), _args(workdir, input=req))
     assert [os.path.basename(p) for p in written] == ["t2i_0.png", "edit_0.png"]
     t2i = Image.open(written[0])
     assert t2i.size == (32, 32)  # config.generate.height/width of the tiny config
@@ -87,21 +88,21 @@ def test_generate_t2i_and_edit(workdir):
     assert sidecar["mode"] == "edit" and sidecar["cfg"]["renorm_type"] == "text_channel"
     # same request and seed -> the same image (reproducible); another seed -> another image
     first = np.asarray(Image.open(written[0]))
-    again = run_generate(_config(), _args(workdir, input=req))
+    again = generate_mode(_config(), _args(workdir, input=req))
     np.testing.assert_array_equal(first, np.asarray(Image.open(again[0])))
-    other = run_generate(_config(**{"generate.seed": 8}), _args(workdir, prompt="a red circle"))
+    other = generate_mode(_config(**{"generate.seed": 8}), _args(workdir, prompt="a red circle"))
     assert not np.array_equal(first, np.asarray(Image.open(other[0])))
     # think mode: text generated first (greedy, max_think_tokens) is recorded with the image
-    think = run_generate(_config(**{"generate.think": True, "generate.max_think_tokens": 3}),
+    think = generate_mode(_config(**{"generate.think": True, "generate.max_think_tokens": 3}),
                          _args(workdir, prompt="a red circle"))
     info = json.loads(Image.open(think[0]).text["sgt_jax"])
     assert info["think"] is True and isinstance(info["thought"], str)
 
 
 def test_segment_synthetic_split(workdir):
-    from sgt_jax.eval.cli import run_segment
+    from sgt_jax.eval.cli import segment_mode
 
-    summary = run_segment(_config(), _args(workdir))
+    summary = segment_mode(_config(), _args(workdir))
     out = os.path.join(workdir, "segment")
     rows = [json.loads(l) for l in open(os.path.join(out, "results.jsonl"))]
     assert summary["n"] == summary["n_scored"] == len(rows) == 2
@@ -113,7 +114,7 @@ def test_segment_synthetic_split(workdir):
 
 
 def test_evaluate_mcq_real_tiny_model(workdir):
-    from sgt_jax.eval.cli import run_evaluate
+    from sgt_jax.eval.cli import evaluate_mode
 
     buf = io.BytesIO()
     Image.open(os.path.join(workdir, "input.png")).save(buf, format="PNG")
@@ -122,24 +123,24 @@ def test_evaluate_mcq_real_tiny_model(workdir):
         for i in range(2):
             f.write(json.dumps(dict(idx=i, task="Count", question="how many shapes", choices=["one", "two"],
                                     answer="(A)", image="input.png")) + "\n")
-    res = run_evaluate(_config(**{"evaluate.kind": "mcq"}), _args(workdir, input=bench))
+    res = evaluate_mode(_config(**{"evaluate.kind": "mcq"}), _args(workdir, input=bench))
     assert res["n"] == 2 and 0.0 <= res["overall"] <= 1.0
     preds = [json.loads(l) for l in open(os.path.join(workdir, "evaluate", "mcq", "mcq_predictions.jsonl"))]
     assert len(preds) == 2 and all("output" in p for p in preds)
 
 
 def test_evaluate_probe_and_attention(workdir):
-    from sgt_jax.eval.cli import run_evaluate
+    from sgt_jax.eval.cli import evaluate_mode
     from sgt_jax.eval.lexicon import CATEGORIES
 
-    res = run_evaluate(_config(**{"evaluate.kind": "probe", "analysis.probe_num_images": 12}), _args(workdir))
+    res = evaluate_mode(_config(**{"evaluate.kind": "probe", "analysis.probe_num_images": 12}), _args(workdir))
     assert set(res) == {"vit", "llm1"}
     for r in res.values():
         assert 0.0 <= r["test_accuracy"] <= 1.0 and r["n_test"] == 4
     out = os.path.join(workdir, "evaluate", "probe")
     assert all(os.path.exists(os.path.join(out, f)) for f in ("probe.csv", "probe_vit.png", "probe_llm1.png"))
 
-    res = run_evaluate(_config(**{"evaluate.kind": "attention"}), _args(workdir))
+    res = evaluate_mode(_config(**{"evaluate.kind": "attention"}), _args(workdir))
     per_layer = res["text_to_vision"]["per_layer"]
     assert len(per_layer) == 2 and all(0.0 < m < 1.0 for m in per_layer)
     shares = res["word_attention"]["mean_shares"]

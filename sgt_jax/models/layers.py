@@ -11,6 +11,8 @@ without a mesh; placement is decided later by ``jit(out_shardings=...)`` from th
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable, Sequence
 
 import jax
@@ -19,6 +21,34 @@ import numpy as np
 from flax import nnx
 
 Initializer = Callable[..., jax.Array]
+
+
+_ACTIVATION_CONSTRAINT = contextvars.ContextVar("sgt_activation_constraint", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(fn: Callable[[jax.Array, tuple], jax.Array]):
+    """Within this context (at trace time), model activations are passed through ``fn(x, names)``.
+
+    ``names`` are logical activation names (``batch, seq, act_embed, act_heads, act_mlp, act_vocab``,
+    or None), one per axis of x. The train step passes e.g.
+    ``lambda x, n: sgt_jax.parallel.mesh.constrain(x, n, rules, mesh)``; outside the context the
+    model adds no constraints (single device, tests)."""
+    token = _ACTIVATION_CONSTRAINT.set(fn)
+    try:
+        yield
+    finally:
+        _ACTIVATION_CONSTRAINT.reset(token)
+
+
+def constrain(x: jax.Array, names: tuple) -> jax.Array:
+    """Apply the active activation-sharding hook (identity when none is set)."""
+    fn = _ACTIVATION_CONSTRAINT.get()
+    if fn is None:
+        return x
+    if len(names) != x.ndim:
+        raise ValueError(f"activation names {names} do not match the rank of shape {x.shape}")
+    return fn(x, tuple(names))
 
 
 def canonical_dtype(name_or_dtype) -> jnp.dtype:
@@ -125,7 +155,10 @@ class SwiGLU(nnx.Module):
         self.down_proj = Dense(intermediate, hidden, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        if hidden.ndim == 3:
+            hidden = constrain(hidden, ("batch", "seq", "act_mlp"))
+        return self.down_proj(hidden)
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:

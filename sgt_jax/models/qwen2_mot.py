@@ -42,7 +42,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 from sgt_jax.models import attention as attn_lib
 from sgt_jax.models.attention import TokenMeta
-from sgt_jax.models.layers import Dense, Embed, RMSNorm, SwiGLU, apply_rope, canonical_dtype, rope_cos_sin
+from sgt_jax.models.layers import (Dense, Embed, RMSNorm, SwiGLU, apply_rope, canonical_dtype, constrain,
+                                   rope_cos_sin)
 from sgt_jax.models.remat import remat
 
 
@@ -102,7 +103,7 @@ class MoTLayer(nnx.Module):
                 q, k, v = (jax.lax.stop_gradient(y) for y in (q, k, v))
             qs.append(q), ks.append(k), vs.append(v)
         q, k, v = (jnp.concatenate(y, axis=1) if len(y) > 1 else y[0] for y in (qs, ks, vs))
-        q, k, v = (checkpoint_name(y, "qkv") for y in (q, k, v))
+        q, k, v = (checkpoint_name(constrain(y, ("batch", "seq", "act_heads", None)), "qkv") for y in (q, k, v))
         keys, vals, k_meta = k, v, meta
         if cache_k is not None:
             keys = jnp.concatenate([cache_k.astype(k.dtype), k], axis=1)
@@ -116,7 +117,7 @@ class MoTLayer(nnx.Module):
         ctx = checkpoint_name(ctx, "attn_out")
         outs = [e.attn_out(x[:, a:b], ctx[:, a:b], freeze_und and e is self.und) for e, a, b in slices]
         x = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
-        return x, (k, v), probs
+        return constrain(x, ("batch", "seq", "act_embed")), (k, v), probs
 
 
 class Qwen2MoT(nnx.Module):
@@ -164,7 +165,8 @@ class Qwen2MoT(nnx.Module):
     def logits(self, h: jax.Array) -> jax.Array:
         """fp32 logits of hidden states ``[..., H]`` (matmul in the compute dtype, fp32 accumulation)."""
         kernel = self.lm_head.kernel[...].astype(self.dtype)
-        return jnp.einsum("...h,hv->...v", h.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...h,hv->...v", h.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "seq", "act_vocab")) if logits.ndim == 3 else logits
 
     def __call__(self, x: jax.Array, meta: TokenMeta, rope_pos: jax.Array, *, num_und: int,
                  kv_cache: KVCache | None = None, return_kv: bool = False, return_probs: bool = False):
@@ -191,7 +193,7 @@ class Qwen2MoT(nnx.Module):
             cache_k, cache_v, cache_meta = kv_cache
         else:
             cache_k = cache_v = cache_meta = None
-        x = x.astype(self.dtype)
+        x = constrain(x.astype(self.dtype), ("batch", "seq", "act_embed"))
         if self.freeze_und and num_und:
             x = jnp.concatenate([jax.lax.stop_gradient(x[:, :num_und]), x[:, num_und:]], axis=1)
         cos, sin = rope_cos_sin(rope_pos, self.head_dim, self.theta)

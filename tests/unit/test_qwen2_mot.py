@@ -124,3 +124,23 @@ def test_timestep_frequencies_cos_first_unscaled():
     want = np.concatenate([np.cos(np.asarray(t)[:, None] * freqs), np.sin(np.asarray(t)[:, None] * freqs)], 1)
     np.testing.assert_allclose(f, want, atol=1e-6)
     assert np.all(f[0, :4] == 1.0) and np.all(f[0, 4:] == 0.0)
+
+
+def test_activation_sharding_hook_sees_named_activations():
+    from sgt_jax.models.layers import activation_sharding
+
+    seen = []
+
+    def record(x, names):
+        seen.append((names, x.ndim))
+        return x
+
+    m = build(model_cfg())
+    x, meta, rope = inputs(3)
+    plain, _ = jitted(m, num_und=U)(x, meta, rope)
+    with activation_sharding(record):
+        hooked, _ = jitted(m, num_und=U)(x, meta, rope)
+    np.testing.assert_array_equal(np.asarray(hooked), np.asarray(plain))
+    names = {n for n, _ in seen}
+    assert {("batch", "seq", "act_embed"), ("batch", "seq", "act_heads", None), ("batch", "seq", "act_mlp")} <= names
+    assert all(len(n) == nd for n, nd in seen)

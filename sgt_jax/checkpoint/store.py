@@ -321,7 +321,7 @@ def load_for_inference(workdir: str, step: int | None = None, weights: str = "em
                              f"with cached latents keeps no VAE): load those from the imported workdir")
         if weights == "ema" and not layout.get("ema", True):
             raise ValueError(f"checkpoint step {step} in {workdir} has no EMA; use weights='raw'")
-        train_t, frozen_t = _split_pure(abstract_params, frozen)
+        train_t, frozen_t = split_pure(abstract_params, frozen)
         source = "ema" if weights == "ema" else "params"
         if weights == "ema":
             ema_dtype = jnp.dtype(layout.get("ema_dtype", "float32"))
@@ -330,7 +330,7 @@ def load_for_inference(workdir: str, step: int | None = None, weights: str = "em
         _, restored = restore_latest_valid(manager, targets, with_data=False, step=step)
         train = restored[source]
         if weights == "ema":
-            train = jax.tree.map(lambda v, t: v.astype(t.dtype), train, _split_pure(abstract_params, frozen)[0])
+            train = jax.tree.map(lambda v, t: v.astype(t.dtype), train, split_pure(abstract_params, frozen)[0])
         return _merge_pure(train, restored["frozen"])
     finally:
         manager.close()
@@ -342,14 +342,15 @@ def _missing_groups(abstract_params: dict, layout: dict) -> list[str]:
     return []
 
 
-def _split_pure(tree: dict, frozen: set[str], path=()) -> tuple[dict, dict]:
+def split_pure(tree: dict, frozen: set[str], path=()) -> tuple[dict, dict]:
+    """Split a pure parameter dict into (trainable, frozen) by freeze group (sgt_jax/train/freeze.py)."""
     from sgt_jax.train.freeze import group_of  # path -> freeze group (the split the checkpoint used)
 
     train, fro = {}, {}
     for k, v in tree.items():
         p = path + (str(k),)
         if isinstance(v, dict):
-            a, b = _split_pure(v, frozen, p)
+            a, b = split_pure(v, frozen, p)
             if a:
                 train[k] = a
             if b:

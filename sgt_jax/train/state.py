@@ -30,7 +30,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sgt_jax import parallel
-from sgt_jax.train.freeze import make_filters
+from sgt_jax.checkpoint import store
+from sgt_jax.train.freeze import frozen_groups, make_filters
 from sgt_jax.train.optim import make_optimizer
 
 SCALARS = ("step", "rng", "nonfinite", "skipped")
@@ -145,14 +146,14 @@ def state_from_params(config, spec: StateSpec, full_params: dict) -> dict:
     """A train state whose parameters AND EMA start from ``full_params`` (a pure dict of all model
     parameters, already sharded), with a fresh optimizer — the SGT init (specs/sgt_recipe.md §3.1)."""
     seed = int(config.train.seed)
+    frozen = frozen_groups(config)
 
     def build(pure):
-        model = nnx.merge(spec.graphdef, spec.abstract["params"], spec.abstract["frozen"], spec.rest)
-        param_state = nnx.state(model, nnx.Param)
-        nnx.replace_by_pure_dict(param_state, pure)
-        nnx.update(model, param_state)
-        _, train, frozen, _ = _split(model, spec.filters)
-        return _assemble(spec, train, frozen, seed)
+        # Functional rebuild (new Variables), never a mutation of the captured abstract state.
+        train_p, frozen_p = store.split_pure(pure, frozen)
+        train = store.from_nested(store.to_nested(train_p), spec.abstract["params"])
+        fro = store.from_nested(store.to_nested(frozen_p), spec.abstract["frozen"])
+        return _assemble(spec, train, fro, seed)
 
     return jax.jit(build, out_shardings=spec.shardings)(full_params)
 

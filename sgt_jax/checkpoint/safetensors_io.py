@@ -128,6 +128,13 @@ class SliceReader:
         self.bytes_read += arr.nbytes
         return arr
 
+    def release(self):
+        """Unmap and reopen the file: pages read so far stop counting in this process's RSS (they were
+        clean page cache, but a long import would otherwise map the whole file)."""
+        self.close()
+        self._cm = safe_open(self.path, framework="numpy")
+        self._f = self._cm.__enter__()
+
     def close(self):
         if self._cm is not None:
             self._cm.__exit__(None, None, None)

@@ -101,9 +101,11 @@ def fill_entry(entry: Entry, reader: SliceReader, target: jax.ShapeDtypeStruct,
     axis = _block_axis(entry, sharding) if (entry.layers is not None or nbytes > block_bytes) else None
     if axis is None:
         def cb(index):
-            return entry.read_slice(read, _index_tuple(index, shape)).astype(dtype)
+            return np.ascontiguousarray(entry.read_slice(read, _index_tuple(index, shape)), dtype=dtype)
 
-        return jax.make_array_from_callback(shape, sharding, cb)
+        out = jax.make_array_from_callback(shape, sharding, cb)
+        reader.release()
+        return out
 
     per_unit = max(1, nbytes // shape[axis])
     step = 1 if entry.layers is not None and axis == 0 else max(1, block_bytes // per_unit)
@@ -115,10 +117,11 @@ def fill_entry(entry: Entry, reader: SliceReader, target: jax.ShapeDtypeStruct,
         def cb(index, start=start, block_shape=block_shape):
             idx = list(_index_tuple(index, block_shape))
             idx[axis] = slice(start + idx[axis].start, start + idx[axis].stop)
-            return entry.read_slice(read, tuple(idx)).astype(dtype)
+            return np.ascontiguousarray(entry.read_slice(read, tuple(idx)), dtype=dtype)
 
         block = jax.make_array_from_callback(block_shape, sharding, cb)
         full = _put_block(full, block, np.int32(start), axis)
+        reader.release()
     return full
 
 

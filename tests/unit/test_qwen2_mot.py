@@ -51,11 +51,17 @@ def jitted(m, **kw):
     return lambda x, meta, rope, cache=None: f(state, x, meta, rope, cache)
 
 
-def test_kv_cache_prefix_then_suffix_equals_full():
-    cfg = model_cfg()
-    m = build(cfg)
+@pytest.fixture(scope="module")
+def reference():
+    """The default model (scan, dense, no remat), its inputs and its full forward (compiled once)."""
+    m = build(model_cfg())
     x, meta, rope = inputs()
     full, kv_full = jitted(m, num_und=U)(x, meta, rope)
+    return m, (x, meta, rope), full, kv_full
+
+
+def test_kv_cache_prefix_then_suffix_equals_full(reference):
+    m, (x, meta, rope), full, kv_full = reference
     # prefix = the first text block (phys 0..3, und) + the image block (markers phys 4,5 und; latents 9..13 gen)
     pre = np.array([0, 1, 2, 3, 4, 5, 9, 10, 11, 12, 13])
     suf = np.array([6, 7, 8])
@@ -82,12 +88,11 @@ def _loss_and_grads(cfg, x, meta, rope):
     return jax.value_and_grad(f)(state)
 
 
-def test_scan_loop_remat_and_chunked_agree():
+def test_scan_loop_remat_and_chunked_agree(reference):
     """Python loop + remat "full" + chunked attention give the scanned dense forward (same weights).
     (Gradient equality of chunked vs dense is tested in test_attention_mask.py; remat only changes
     what the backward pass stores.)"""
-    x, meta, rope = inputs(1)
-    ref, ref_kv = jitted(build(model_cfg()), num_und=U)(x, meta, rope)
+    _, (x, meta, rope), ref, ref_kv = reference
     over = dict(scan_layers=False, remat_policy="full", attention_impl="chunked", attention_chunk=4)
     got, got_kv = jitted(build(model_cfg(**over)), num_und=U)(x, meta, rope)
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-5)
@@ -126,7 +131,7 @@ def test_timestep_frequencies_cos_first_unscaled():
     assert np.all(f[0, :4] == 1.0) and np.all(f[0, 4:] == 0.0)
 
 
-def test_activation_sharding_hook_sees_named_activations():
+def test_activation_sharding_hook_sees_named_activations(reference):
     from sgt_jax.models.layers import activation_sharding
 
     seen = []
@@ -135,9 +140,7 @@ def test_activation_sharding_hook_sees_named_activations():
         seen.append((names, x.ndim))
         return x
 
-    m = build(model_cfg())
-    x, meta, rope = inputs(3)
-    plain, _ = jitted(m, num_und=U)(x, meta, rope)
+    m, (x, meta, rope), plain, _ = reference
     with activation_sharding(record):
         hooked, _ = jitted(m, num_und=U)(x, meta, rope)
     np.testing.assert_array_equal(np.asarray(hooked), np.asarray(plain))

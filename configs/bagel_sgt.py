@@ -184,7 +184,7 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     c.train.ce_chunk = 2048 if variant == "7b" else 16  # CE labels per LM-head chunk (never [L, V] at once)
     c.train.ema_decay = 0.9999
     c.train.ema_dtype = "float32"  # or "bfloat16" (halves EMA memory)
-    c.train.ema_offload = False  # keep the EMA in pinned host memory (TPU/GPU only)
+    c.train.ema_offload = False  # keep the EMA in pinned_host memory (error if the backend has none)
     c.train.max_consecutive_nonfinite = 5  # NaN/Inf loss or grad: update skipped; abort after this many in a row
     c.train.log_every = 1
     c.train.tensorboard = True

@@ -103,11 +103,8 @@ def _peak_flops(config) -> float | None:
     peak = float(config.train.get("peak_flops", 0) or 0)
     if peak > 0:
         return peak
-    kind = jax.devices()[0].device_kind.lower()
-    for name in ("v6e", "v5p", "v5e", "v5 lite", "v4"):
-        if name in kind:
-            return flops_lib.chip(name.replace("v5 lite", "v5e")).peak_bf16_flops
-    return None
+    chip = flops_lib.chip_from_device_kind(jax.devices()[0].device_kind)
+    return chip.peak_bf16_flops if chip else None
 
 
 def _print_memory(compiled) -> None:

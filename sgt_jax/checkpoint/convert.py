@@ -227,6 +227,22 @@ def check_tree_vae(vae_tree, abstract_vae) -> None:
         raise ConversionError(problems, "converted VAE tree")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "generation_config.json")
+
+
+def copy_tokenizer_files(source: str, workdir: str) -> list[str]:
+    """Copy the BAGEL folder's tokenizer files next to the imported params, so that an imported workdir
+    used as ``config.checkpoint.init_from`` is also a tokenizer folder (``config.data.tokenizer=""``)."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        src = os.path.join(source, name)
+        if os.path.isfile(src):
+            shutil.copyfile(src, os.path.join(workdir, name))
+            copied.append(name)
+    return copied
+
+
 def run_import(config, args) -> int:
     """``--mode import``: BAGEL folder (``--source``) -> ``<workdir>/params`` + params_meta.json."""
     from sgt_jax.checkpoint import store
@@ -237,6 +253,10 @@ def run_import(config, args) -> int:
     os.makedirs(args.workdir, exist_ok=True)
     t0 = time.time()
     path = store.save_params(args.workdir, params, meta)
+    copied = copy_tokenizer_files(args.source, args.workdir) if jax.process_index() == 0 else []
+    if copied:
+        print(f"copied tokenizer files {copied} -> {args.workdir} (so --config.checkpoint.init_from="
+              f"{args.workdir} also provides the tokenizer)")
     log.info("imported %s -> %s (read %.1f s, save %.1f s)", args.source, path, meta["import"]["seconds"],
              time.time() - t0)
     print(f"imported {args.source} -> {path}")

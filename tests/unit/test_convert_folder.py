@@ -40,6 +40,13 @@ def roundtrip(tmp_path_factory, config):
     return src, run, out
 
 
+def test_import_copies_tokenizer_files_into_the_workdir(roundtrip):
+    """An imported workdir doubles as the tokenizer folder when it is used as checkpoint.init_from."""
+    src, run, _ = roundtrip
+    with open(os.path.join(src, "tokenizer_config.json")) as a, open(os.path.join(run, "tokenizer_config.json")) as b:
+        assert json.load(a) == json.load(b)
+
+
 def _bits(a):
     return a.view(np.uint16) if a.dtype == BF16 else a.view(np.uint8)
 

@@ -166,7 +166,6 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     # ---- data (sgt_jax/data) ----
     c.data = ml_collections.ConfigDict()
     c.data.seed = 42
-    c.data.source = "synthetic" if variant == "tiny" else "sam_sgt"
     # -- data.sources / data.proxy_task (sgt_jax/data/sources, docs/data_sources.md) --
     # proxy task of the segmentation-family samples: segmentation | reconstruction | edge | inpainting
     c.data.proxy_task = "segmentation"

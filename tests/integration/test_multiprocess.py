@@ -63,7 +63,12 @@ def _train(workdir, steps, env, processes: int, data_log=None):
             e["SGT_TEST_DATA_LOG"] = str(data_log)
         procs.append(subprocess.Popen(cmd, env=e, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
-    outs = [p.communicate(timeout=600) for p in procs]
+    try:
+        outs = [p.communicate(timeout=600) for p in procs]
+    finally:  # never leave a hung process group behind (a TimeoutExpired would otherwise orphan them)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import logging
 import jax
 import numpy as np
 from jax.experimental import mesh_utils
@@ -66,8 +67,11 @@ def make_mesh(mesh_cfg, devices: Sequence[Any] | None = None) -> Mesh:
     shape = resolve_mesh_shape(axes, mesh_cfg.shape, len(devices))
     try:
         device_array = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
-    except (ValueError, NotImplementedError, AssertionError):
+    except (ValueError, NotImplementedError, AssertionError) as err:
         # Topologies create_device_mesh has no physical model for (e.g. odd CPU counts): row-major order.
+        # Harmless on CPU; on a TPU it can put mesh neighbours far apart on the interconnect, so say so.
+        if devices and getattr(devices[0], "platform", "cpu") != "cpu":
+            logging.warning("mesh %s: no interconnect-aware device order (%s); using row-major order", shape, err)
         device_array = np.asarray(devices, dtype=object).reshape(shape)
     return Mesh(device_array, axes, axis_types=(AxisType.Auto,) * len(axes))
 

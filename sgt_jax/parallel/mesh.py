@@ -15,10 +15,10 @@ parallelism of a run is a config edit, never a code edit.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
-import logging
 import jax
 import numpy as np
 from jax.experimental import mesh_utils

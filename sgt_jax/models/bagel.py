@@ -18,7 +18,7 @@ from flax import nnx
 
 from sgt_jax.models.attention import TokenMeta
 from sgt_jax.models.flux_vae import FluxVAE
-from sgt_jax.models.layers import Dense, canonical_dtype, gelu_tanh, zeros_init
+from sgt_jax.models.layers import Dense, canonical_dtype, constrain, gelu_tanh, zeros_init
 from sgt_jax.models.posemb import TimestepEmbedder, sincos_2d
 from sgt_jax.models.qwen2_mot import Qwen2MoT
 from sgt_jax.models.siglip_navit import SiglipNaViT
@@ -71,12 +71,13 @@ class Bagel(nnx.Module):
     def embed_vit(self, patches, pos, image_id):
         """ViT rows -> LLM embeddings ``[B, P, H]``: ``connector(vit(...)) + sincos(pos)``."""
         v = self.connector(self.vit(patches, pos, image_id))
-        return v + sincos_2d(pos, self.vit_grid, self.hidden).astype(v.dtype)
+        return constrain(v + sincos_2d(pos, self.vit_grid, self.hidden).astype(v.dtype), ("batch", "seq", "act_embed"))
 
     def embed_latents(self, x_t, t, latent_pos):
         """Latent rows -> LLM embeddings ``[B, Z, H]``: ``vae2llm(x_t) + time_embedder(t) + sincos(pos)``."""
         e = self.vae2llm(x_t) + self.time_embedder(t)
-        return e + sincos_2d(latent_pos, self.latent_grid, self.hidden).astype(e.dtype)
+        return constrain(e + sincos_2d(latent_pos, self.latent_grid, self.hidden).astype(e.dtype),
+                         ("batch", "seq", "act_embed"))
 
     def embed_batch(self, batch, x_t, t):
         """The assembled ``[B, T, H]`` input embeddings of a packed batch and the und length ``U``."""
@@ -109,9 +110,9 @@ class Bagel(nnx.Module):
         """``(ce_hidden [B, L, H], velocity [B, Z, p·p·zc] fp32)`` for a packed batch (interfaces §2)."""
         x, u = self.embed_batch(batch, x_t, t)
         h, _, _ = self.llm(x, TokenMeta.from_batch(batch), batch["rope"], num_und=u)
-        ce_hidden = jnp.take_along_axis(h, batch["ce_pos"][:, :, None], axis=1)
+        ce_hidden = constrain(jnp.take_along_axis(h, batch["ce_pos"][:, :, None], axis=1), ("batch", "seq", "act_embed"))
         if u < h.shape[1]:
-            velocity = self.llm2vae(h[:, u:]).astype(jnp.float32)
+            velocity = constrain(self.llm2vae(h[:, u:]).astype(jnp.float32), ("batch", "seq", None))
         else:
             velocity = jnp.zeros((h.shape[0], 0, self.patch_latent_dim), jnp.float32)
         return ce_hidden, velocity

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgt_jax.models.layers import Dense, canonical_dtype
+from sgt_jax.models.layers import Dense, canonical_dtype, constrain
 from sgt_jax.models.remat import POLICIES as REMAT_POLICIES
 from sgt_jax.models.remat import remat
 
@@ -108,7 +108,7 @@ class SiglipAttention(nnx.Module):
         self.impl, self.chunk = attention_impl, attention_chunk
 
     def __call__(self, x, image_id):
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = (constrain(f(x), ("batch", "seq", "act_heads", None)) for f in (self.q_proj, self.k_proj, self.v_proj))
         o = image_attention(q, k, v, image_id, impl=self.impl, chunk=self.chunk)
         return self.out_proj(o)
 
@@ -120,7 +120,8 @@ class SiglipMLP(nnx.Module):
         self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, ("vit_mlp", "vit_embed"), use_bias=True, **kw)
 
     def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))  # gelu_pytorch_tanh
+        hidden = constrain(jax.nn.gelu(self.fc1(x), approximate=True), ("batch", "seq", "act_mlp"))  # gelu_pytorch_tanh
+        return self.fc2(hidden)
 
 
 class SiglipEncoderLayer(nnx.Module):
@@ -187,11 +188,12 @@ class SiglipNaViT(nnx.Module):
         # (jnp.take's fill mode), so a data bug shows up in the loss instead of silently clamping;
         # host-side `patchify` rejects such images up front.
         x = self.patch_embedding(patches) + self.position_embedding(jnp.where(image_id >= 0, pos, 0))
+        x = constrain(x, ("batch", "seq", "act_embed"))
 
         graphdef, state = nnx.split(self.layers)
 
         def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, image_id), None
+            return constrain(nnx.merge(graphdef, layer_state)(h, image_id), ("batch", "seq", "act_embed")), None
 
         x, _ = jax.lax.scan(remat(body, self.remat_policy), x, state)
         return self.post_layernorm(x)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from sgt_jax.models.flux_vae import patchify_latent
+from sgt_jax.models.layers import constrain
 
 
 def shift_timesteps(t, shift: float):
@@ -50,7 +51,8 @@ def clean_latents_online(batch, key, vae, vae_cfg, latent_patch: int):
     then gather each latent row's token by (image slot, latent_rc)."""
     images = batch["vae_images"]
     b, ni, hc, wc, _ = images.shape
-    mean, logvar = vae.encode_stats(images.reshape(b * ni, hc, wc, images.shape[-1]))
+    images = constrain(images.reshape(b * ni, hc, wc, images.shape[-1]), ("batch", None, None, None))
+    mean, logvar = vae.encode_stats(images)
     mean, logvar = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(logvar)
     z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, jnp.float32)
     z = scale_latents(z, vae_cfg)
@@ -84,7 +86,7 @@ def flow_inputs(batch, key, *, vae, model_cfg, shift: float, num_images: int):
     t = jnp.take_along_axis(t_img, jnp.clip(image, 0, num_images - 1), axis=1)
     t = jnp.where(batch["latent_target"] & real, t, 0.0)
     eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
-    x_t = (1.0 - t[..., None]) * x0 + t[..., None] * eps
+    x_t = constrain((1.0 - t[..., None]) * x0 + t[..., None] * eps, ("batch", "seq", None))
     return x_t, t, eps - x0
 
 

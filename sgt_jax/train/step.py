@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sgt_jax import parallel
+from sgt_jax.models.layers import activation_sharding
 from sgt_jax.train.losses import sgt_loss
 from sgt_jax.train.optim import ema_update
 from sgt_jax.train.state import StateSpec, make_state_spec
@@ -32,9 +33,17 @@ from sgt_jax.train.state import StateSpec, make_state_spec
 METRIC_KEYS = ("loss", "ce", "mse", "n_ce", "n_mse", "grad_norm", "lr", "applied", "nonfinite", "skipped")
 
 
-def make_step_fn(config, spec: StateSpec) -> Callable:
-    """The un-jitted step ``(state, batch) -> (state, metrics)``."""
+def make_step_fn(config, spec: StateSpec, mesh: Mesh | None = None) -> Callable:
+    """The un-jitted step ``(state, batch) -> (state, metrics)``.
+
+    With ``mesh``, the model's activation constraints (logical names such as ``("batch", "seq",
+    "act_embed")``, sgt_jax/models/layers.py ``constrain``) are mapped through ``config.mesh.rules`` onto
+    it while the step is traced. Without them the partitioner is free to pick any activation layout, and
+    on an FSDP mesh it picked a replicated batch with weights kept split along ``embed`` (measured on a
+    v6e-64 compile: every device held the whole global batch's activations, 39 GiB of temporaries with
+    only 4 layers); see docs/compile_and_flops.md."""
     train_cfg, model_cfg = config.train, config.model
+    rules = parallel.logical_rules(config) if mesh is not None else None
     num_images = int(config.data.pack.vae_images)
     decay = float(train_cfg.get("ema_decay", 0.0))
     ema_device = None
@@ -44,7 +53,10 @@ def make_step_fn(config, spec: StateSpec) -> Callable:
 
     def loss_fn(params, frozen, batch, key):
         model = nnx.merge(spec.graphdef, params, frozen, spec.rest)
-        return sgt_loss(model, batch, key, train_cfg, model_cfg, num_images)
+        if mesh is None:
+            return sgt_loss(model, batch, key, train_cfg, model_cfg, num_images)
+        with activation_sharding(lambda x, names: parallel.constrain(x, names, rules, mesh)):
+            return sgt_loss(model, batch, key, train_cfg, model_cfg, num_images)
 
     def step(state, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
@@ -99,6 +111,6 @@ def build(config, mesh: Mesh, model_fn: Callable | None = None, spec: StateSpec 
     rules = parallel.logical_rules(config)
     batch_sharding = parallel.batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    jitted = jax.jit(make_step_fn(config, spec), in_shardings=(spec.shardings, batch_sharding),
+    jitted = jax.jit(make_step_fn(config, spec, mesh), in_shardings=(spec.shardings, batch_sharding),
                      out_shardings=(spec.shardings, replicated), donate_argnums=(0,))
     return spec, jitted, batch_sharding

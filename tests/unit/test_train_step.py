@@ -170,3 +170,34 @@ def test_init_from_imported_workdir_and_load_for_inference(runs, tmp_path):
                                   _host(imported)["vit"]["patch_embedding"]["kernel"])  # frozen: as imported
     np.testing.assert_array_equal(ema["vit"]["patch_embedding"]["kernel"], raw["vit"]["patch_embedding"]["kernel"])
     np.testing.assert_array_equal(ema["llm2vae"]["kernel"], raw["llm2vae"]["kernel"] - 1.0)
+
+
+def _constraint_specs(jaxpr, out):
+    from sgt_jax.compile import _sub_jaxprs
+
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "sharding_constraint":
+            out.append((eqn.invars[0].aval.shape, tuple(eqn.params["sharding"].spec)))
+        for sub in _sub_jaxprs(eqn):
+            _constraint_specs(sub, out)
+    return out
+
+
+def test_activations_are_split_over_the_batch_axes(runs):
+    """The step installs the model's activation constraints on the mesh: the hidden states of every
+    layer, the attention q/k/v, the ViT stream and the logits are split over (data, fsdp) along the
+    pack axis. Without them the partitioner may replicate the batch (seen on a 64-chip compile: every
+    device held the whole global batch's activations)."""
+    cfg, run = runs["cfg"], runs["eight"]
+    batch = parallel.to_global(runs["batches"][0], run["mesh"], parallel.logical_rules(cfg))
+    state = run["init"]
+    with_mesh = _constraint_specs(jax.make_jaxpr(step_lib.make_step_fn(cfg, run["spec"], run["mesh"]))(
+        state, batch).jaxpr, [])
+    batch_split = [shape for shape, spec in with_mesh if spec and spec[0] == ("data", "fsdp")]
+    hidden = cfg.model.llm.hidden_size
+    assert any(len(s) == 3 and s[-1] == hidden for s in batch_split), with_mesh  # [B, T, H] hidden states
+    assert any(len(s) == 4 and s[-1] == cfg.model.llm.head_dim for s in batch_split)  # q/k/v
+    assert any(len(s) == 3 and s[-1] == cfg.model.vit.hidden_size for s in batch_split)  # ViT stream
+    assert any(len(s) == 3 and s[-1] == cfg.model.llm.vocab_size for s in batch_split)  # logits
+    without = _constraint_specs(jax.make_jaxpr(step_lib.make_step_fn(cfg, run["spec"]))(state, batch).jaxpr, [])
+    assert not [s for s in without if s[1] and s[1][0] == ("data", "fsdp")]

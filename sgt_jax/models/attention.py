@@ -15,8 +15,13 @@ Implementations (``model.attention_impl``):
 - ``"chunked"``: online softmax (flash-attention recurrence) over key blocks with ``lax.scan`` inside
   a ``lax.map`` over query blocks. The mask is computed per (query block, key block) from metadata, so
   no ``[T, T]`` array exists; the per-block body is rematerialised, so the backward pass stores only
-  the running (max, sum, accumulator) per key block. Blocks that are fully masked are still computed
-  (no data-dependent skipping): cost is O(T²) FLOPs, memory O(T·chunk).
+  the running (max, sum, accumulator) per key block. A block pair whose mask is all False (above the
+  causal diagonal, across documents, a hidden noise split, padding) skips its matmuls through a
+  ``lax.cond`` on the block mask: the work done follows the mask actually present in the pack (in a
+  BAGEL pack most pairs are dead: und queries never see noised latents, latents see only their own
+  image and their document's context), while shapes stay static. Memory O(T·chunk).
+  The skip is data-dependent, so a static FLOP count sees the cond's larger branch: sgt_jax/compile.py
+  reports that upper bound and the skippable part separately.
 """
 
 from __future__ import annotations
@@ -109,11 +114,13 @@ def _pad_axis1(x, n, value=0):
     return jnp.pad(x, pad, constant_values=value)
 
 
-def chunked_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, chunk: int):
+def chunked_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, chunk: int, skip_masked: bool = True):
     """Memory-lean attention: online softmax over key blocks of ``chunk``, query blocks of ``chunk``.
 
     Equal to ``dense_attention`` up to float rounding. Sequence lengths need not divide ``chunk``
-    (queries/keys are padded internally with pad metadata).
+    (queries/keys are padded internally with pad metadata). With ``skip_masked`` (the default) a
+    (query block, key block) pair whose mask is all False runs no matmul (``lax.cond``): the result is
+    bitwise the same as computing it, since such a block adds exactly nothing to the running sums.
     """
     _check(q, k, v, q_meta, k_meta)
     if chunk <= 0:
@@ -141,11 +148,9 @@ def chunked_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, chunk: i
     def one_query_block(args):
         qb, qmb = args
 
-        def step(carry, xs):
+        def live_block(carry, kb, vb, mask):
             m, l, acc = carry
-            kb, vb, kmb = xs
             s = jnp.einsum("bqhgd,bkhd->bhgqk", qb, kb, preferred_element_type=jnp.float32) * scale
-            mask = allowed(qmb, kmb)[:, None, None]
             s = jnp.where(mask, s, _NEG)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             p = jnp.exp(s - m_new[..., None]) * mask
@@ -153,7 +158,17 @@ def chunked_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, chunk: i
             l = l * corr + jnp.sum(p, axis=-1)
             pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(vb.dtype), vb, preferred_element_type=jnp.float32)
             acc = acc * corr[..., None] + pv
-            return (m_new, l, acc), None
+            return m_new, l, acc
+
+        def step(carry, xs):
+            kb, vb, kmb = xs
+            mask = allowed(qmb, kmb)[:, None, None]
+            if not skip_masked:
+                return live_block(carry, kb, vb, mask), None
+            # A key block that no query of this block may see (above the causal diagonal, another
+            # document, a hidden noise split, padding) leaves (m, l, acc) unchanged: skip its matmuls.
+            carry = jax.lax.cond(jnp.any(mask), live_block, lambda c, *_: c, carry, kb, vb, mask)
+            return carry, None
 
         init = (jnp.full((b, hkv, g, cq), _NEG, jnp.float32), jnp.zeros((b, hkv, g, cq), jnp.float32),
                 jnp.zeros((b, hkv, g, cq, d), jnp.float32))
@@ -167,6 +182,25 @@ def chunked_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, chunk: i
     out = jax.lax.map(jax.checkpoint(one_query_block, prevent_cse=False), (q_blocks, qm_blocks))  # [nq,B,cq,Hkv,G,D]
     out = jnp.moveaxis(out, 0, 1).reshape(b, nq * cq, hq, d)[:, :tq]
     return out.astype(q.dtype)
+
+
+def live_block_fraction(q_meta: TokenMeta, k_meta: TokenMeta, *, chunk: int) -> float:
+    """Fraction of (pack, query block, key block) triples ``chunked_attention`` computes (the others are
+    skipped): a block is live when its mask has any True. Host-side (numpy), for FLOP accounting; one
+    pack at a time so no ``[B, T, T]`` array is formed."""
+    import numpy as np  # noqa: PLC0415
+
+    qa = [np.asarray(a) for a in q_meta]
+    ka = [np.asarray(a) for a in k_meta]
+    tq, tk = qa[0].shape[1], ka[0].shape[1]
+    cq, ck = min(chunk, tq), min(chunk, tk)
+    nq, nk = -(-tq // cq), -(-tk // ck)
+    live = 0
+    for b in range(qa[0].shape[0]):
+        mask = np.asarray(allowed(TokenMeta(*(a[b:b + 1] for a in qa)), TokenMeta(*(a[b:b + 1] for a in ka))))[0]
+        mask = np.pad(mask, ((0, nq * cq - tq), (0, nk * ck - tk)))
+        live += int(mask.reshape(nq, cq, nk, ck).any(axis=(1, 3)).sum())
+    return live / (qa[0].shape[0] * nq * nk)
 
 
 def attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, impl: str, chunk: int = 512):

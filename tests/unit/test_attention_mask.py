@@ -167,3 +167,48 @@ def test_bad_inputs_are_named():
         A.attention(q, k, v, meta, meta, impl="flash")
     with pytest.raises(ValueError, match="metadata shapes"):
         A.dense_attention(q, k, v, meta.slice(0, 5), meta)
+
+
+def causal_two_docs(b=2, total=24, pad=4):
+    """Two causal documents in order, then padding: the blocks above the diagonal and across documents
+    are dead."""
+    n = (total - pad) // 2
+    doc = np.r_[np.zeros(n), np.ones(n), -np.ones(pad)].astype(np.int32)
+    split = np.r_[np.zeros(n), np.ones(n), -np.ones(pad)].astype(np.int32)
+    order = np.r_[np.arange(n), np.arange(n), np.zeros(pad)].astype(np.int32)
+    mode = np.zeros(total, np.int32)
+    return TokenMeta(*(jnp.asarray(np.tile(a, (b, 1))) for a in (doc, split, mode, order)))
+
+
+def test_live_block_fraction_counts_blocks_of_the_mask():
+    meta = causal_two_docs()
+    # chunk 4 on 24 tokens: 6x6 blocks; doc 0 = tokens 0-9, doc 1 = 10-19, pad 20-23. Live block pairs:
+    # doc 0 causal over blocks 0-2 (6 pairs), doc 1 over blocks 2-4 (6), minus the pair (2, 2) counted twice.
+    assert A.live_block_fraction(meta, meta, chunk=4) == pytest.approx(11 / 36)
+    mixed, masks = make_batch(5)
+    brute = np.mean([m.reshape(6, 4, 6, 4).any(axis=(1, 3)).mean() for m in masks])
+    assert A.live_block_fraction(mixed, mixed, chunk=4) == pytest.approx(brute)
+
+
+def test_chunked_skips_dead_blocks_and_changes_nothing():
+    """Skipping dead blocks is exact: same forward bits, same gradients. NaN values in keys/values that
+    only dead blocks read prove the skip happens (computing them would give 0 * NaN = NaN)."""
+    meta = causal_two_docs()
+    q, k, v = qkv(7, 2, 24, 24)
+    run = jax.jit(A.chunked_attention, static_argnames=("chunk", "skip_masked"))
+    skip = run(q, k, v, meta, meta, chunk=4, skip_masked=True)
+    full = run(q, k, v, meta, meta, chunk=4, skip_masked=False)
+    np.testing.assert_array_equal(np.asarray(skip), np.asarray(full))
+
+    def loss(skip_masked, q, k, v):
+        return jnp.sum(jnp.sin(A.chunked_attention(q, k, v, meta, meta, chunk=4, skip_masked=skip_masked)))
+
+    g_skip = jax.jit(jax.grad(lambda *a: loss(True, *a), argnums=(0, 1, 2)))(q, k, v)
+    g_full = jax.jit(jax.grad(lambda *a: loss(False, *a), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(g_skip, g_full):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-6)
+
+    poisoned_v = v.at[:, 20:].set(jnp.nan)  # the pad block (keys 20-23) is dead for every query block
+    assert np.isnan(np.asarray(run(q, k, poisoned_v, meta, meta, chunk=4, skip_masked=False))).any()
+    np.testing.assert_array_equal(np.asarray(run(q, k, poisoned_v, meta, meta, chunk=4, skip_masked=True)),
+                                  np.asarray(skip))

@@ -168,7 +168,7 @@ def _sub_jaxprs(eqn):
 def jaxpr_flops(jaxpr, multiplier: int = 1, acc: dict | None = None) -> dict[str, int]:
     """Matmul + conv FLOPs of a jaxpr, recursing into sub-jaxprs; a scan body counts ``length`` times,
     a ``cond`` counts its most expensive branch, a ``while`` body once (flagged in ``while_loops``)."""
-    acc = {"dot_general": 0, "conv": 0, "while_loops": 0} if acc is None else acc
+    acc = {"dot_general": 0, "conv": 0, "while_loops": 0, "cond_skippable": 0} if acc is None else acc
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         if name == "dot_general":
@@ -177,9 +177,13 @@ def jaxpr_flops(jaxpr, multiplier: int = 1, acc: dict | None = None) -> dict[str
             acc["conv"] += multiplier * _conv_flops(eqn)
         elif name == "cond":
             branch_costs = [jaxpr_flops(b.jaxpr, multiplier) for b in eqn.params["branches"]]
-            best = max(branch_costs, key=lambda c: c["dot_general"] + c["conv"])
+            cost = [c["dot_general"] + c["conv"] for c in branch_costs]
+            best = branch_costs[cost.index(max(cost))]
             for k in acc:
                 acc[k] += best[k]
+            # what a cheaper branch would save (in the step: the dead attention blocks; the NaN-skip
+            # cond holds no matmul): counted in the total above, reported apart
+            acc["cond_skippable"] += max(cost) - min(cost)
             continue
         if name == "while":
             acc["while_loops"] += 1
@@ -189,11 +193,15 @@ def jaxpr_flops(jaxpr, multiplier: int = 1, acc: dict | None = None) -> dict[str
     return acc
 
 
-def traced_flops(fn: Callable, *args) -> int:
-    """Global FLOPs (matmuls + convs) that ``fn(*args)`` executes, from its jaxpr (shapes only)."""
+def traced_flops(fn: Callable, *args, with_skippable: bool = False):
+    """Global FLOPs (matmuls + convs) that ``fn(*args)`` executes, from its jaxpr (shapes only), every
+    ``cond`` at its most expensive branch (an upper bound). With ``with_skippable``, returns
+    ``(flops, skippable)``: the part of that bound that cheaper cond branches would not execute (the
+    chunked attention's dead key blocks, sgt_jax/models/attention.py)."""
     closed = jax.make_jaxpr(fn)(*args)
     counts = jaxpr_flops(closed.jaxpr)
-    return counts["dot_general"] + counts["conv"]
+    total = counts["dot_general"] + counts["conv"]
+    return (total, counts["cond_skippable"]) if with_skippable else total
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,7 +228,11 @@ def compile_and_analyse(jitted, args: tuple, *, hbm_bytes: int, progress: Callab
     except Exception as err:  # noqa: BLE001 - only OOM is a verdict, the rest re-raises
         if not _OOM.search(str(err)):
             raise
-        return {"fits": False, "oom_message": str(err).strip().splitlines()[0][:2000], "hbm_bytes": hbm_bytes,
+        # The first line is the verdict; the rest (the compiler's largest allocations, with their HLO
+        # ops and shapes) is what to read when deciding what to shrink, so the report keeps it.
+        msg = str(err).strip()
+        return {"fits": False, "oom_message": msg.splitlines()[0][:2000], "oom_detail": msg[:200_000],
+                "hbm_bytes": hbm_bytes,
                 "lower_s": t_lower, "compile_s": time.time() - t0 - t_lower}
     t_compile = time.time() - t0 - t_lower
     mem = compiled.memory_analysis()
@@ -259,7 +271,13 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"FLOPs/step (global): analytic model {r['analytic_flops']:.3e} "
                      f"(6*N_active*tokens part {r['six_n_tokens_flops']:.3e}); traced program "
                      f"{r['traced_flops']:.3e} -> ratio {r['traced_over_analytic']:.2f}x "
-                     f"({r['traced_over_analytic_plus_remat']:.2f}x over model + full-remat recompute)")
+                     f"({r['traced_over_analytic_plus_remat']:.2f}x over model + full-remat recompute); "
+                     f"every attention block counted (upper bound), {r.get('skippable_flops', 0):.3e} of it in "
+                     f"blocks skipped when dead")
+    if "executed_flops" in r:
+        lines.append(f"FLOPs executed with {r['attention_live_fraction']:.1%} of attention blocks live "
+                     f"(config.compile.attention_live_fraction): {r['executed_flops']:.3e} -> ratio "
+                     f"{r['executed_over_analytic']:.2f}x")
     if "xla_flops_per_device" in r:
         lines.append(f"XLA cost_analysis per device {r['xla_flops_per_device']:.3e} (counts scan bodies once)")
     lines.append(f"lower {r.get('lower_s', 0):.1f}s, compile {r.get('compile_s', 0):.1f}s")
@@ -322,12 +340,19 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
     six_n = 6 * (act["llm_expert"] * budgets.tokens + act["lm_head"] * budgets.ce_labels +
                  (act["vit"] + act["connector"]) * budgets.vit_patches) * packs
     t0 = time.time()
-    traced = traced_flops(jitted, *args)
+    traced, skippable = traced_flops(jitted, *args, with_skippable=True)
     report.update({"analytic_flops": analytic.total, "analytic_by_module": dict(analytic.by_module),
                    "remat_recompute_flops": analytic.remat_recompute_flops(), "six_n_tokens_flops": six_n,
                    "traced_flops": traced, "traced_over_analytic": traced / analytic.total,
                    "traced_over_analytic_plus_remat": traced / (analytic.total + analytic.remat_recompute_flops()),
-                   "trace_s": time.time() - t0})
+                   "skippable_flops": skippable, "trace_s": time.time() - t0})
+    live = float(config.compile.get("attention_live_fraction", 0.0))
+    if not 0.0 <= live <= 1.0:
+        raise ValueError(f"config.compile.attention_live_fraction must be in [0, 1] (0: not given), got {live}")
+    if live:  # executed = bound minus the dead blocks' share of the skippable part
+        executed = traced - (1.0 - live) * skippable
+        report.update({"attention_live_fraction": live, "executed_flops": executed,
+                       "executed_over_analytic": executed / analytic.total})
     return report
 
 

@@ -387,18 +387,34 @@ def load_workdir_params(config, args):
     return params, cfg_model, meta
 
 
-def _vae_from(init_from: str, cfg_model, target: Mapping, workdir: str):
-    """The frozen VAE for a checkpoint that does not store it: from the BAGEL folder the run started from
-    (directly, or through the imported workdir's recorded source), else from the imported params."""
+def _vae_folders(init_from: str) -> tuple[list[str], bool]:
+    """Where a run started from ``init_from`` can take its frozen VAE: candidate BAGEL folders (the
+    folder itself, or an imported workdir's recorded source) and whether ``init_from`` is an imported
+    workdir (whose params hold the VAE)."""
     from sgt_jax.checkpoint import store
 
     folders = [init_from]
     imported = bool(init_from) and os.path.exists(os.path.join(init_from, store.PARAMS_META))
     if imported:
         folders.append(store.read_params_meta(init_from).get("source", {}).get("path", ""))
+    return [f for f in folders if f], imported
+
+
+def vae_available(init_from: str) -> bool:
+    """Can an export of a run that keeps no VAE (cached latents) find one through ``init_from``?"""
+    folders, imported = _vae_folders(init_from)
+    return imported or any(os.path.isfile(os.path.join(f, folder_lib.AE_FILE)) for f in folders)
+
+
+def _vae_from(init_from: str, cfg_model, target: Mapping, workdir: str):
+    """The frozen VAE for a checkpoint that does not store it: from the BAGEL folder the run started from
+    (directly, or through the imported workdir's recorded source), else from the imported params."""
+    from sgt_jax.checkpoint import store
+
+    folders, imported = _vae_folders(init_from)
     for f in folders:
-        ae_path = os.path.join(f or "", folder_lib.AE_FILE)
-        if f and os.path.isfile(ae_path):
+        ae_path = os.path.join(f, folder_lib.AE_FILE)
+        if os.path.isfile(ae_path):
             with SliceReader(ae_path) as reader:
                 ae = {k: reader.read(k) for k in sorted(reader.keys())}
             tree = vae_state_dict_to_params(ae, cfg_model.vae)

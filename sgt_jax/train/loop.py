@@ -154,6 +154,8 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
         raise ValueError(f"config.train.steps must be >= 0 and config.checkpoint.every > 0 "
                          f"(got {total_steps}, {every})")
 
+    _check_export_at_end(config)
+
     mesh = parallel.make_mesh(config.mesh)
     rules = parallel.logical_rules(config)
     spec, jitted, _ = step_lib.build(config, mesh, model_fn)
@@ -258,6 +260,26 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
     if data_stats:
         print(f"data: {data_stats}")
     return 0
+
+
+def _check_export_at_end(config) -> None:
+    """Refuse before training what the export at the end could not do (not after hours of steps)."""
+    weights = str(config.checkpoint.get("export_at_end", "") or "")
+    if not weights:
+        return
+    if weights not in ("ema", "raw"):
+        raise ValueError(f"config.checkpoint.export_at_end={weights!r}; allowed: '', 'ema', 'raw'")
+    if weights == "ema" and float(config.train.get("ema_decay", 0.0)) <= 0.0:
+        raise ValueError("config.checkpoint.export_at_end='ema' but the run keeps no EMA (config.train.ema_decay "
+                         "is 0); export 'raw' or set an EMA decay")
+    from sgt_jax.checkpoint import convert
+
+    init_from = str(config.checkpoint.get("init_from", "") or "")
+    if str(config.data.get("latents", "online")) != "online" and not convert.vae_available(init_from):
+        raise ValueError(
+            f"config.checkpoint.export_at_end={weights!r}: a cached-latent run keeps no VAE in its checkpoints, "
+            f"and config.checkpoint.init_from ({init_from!r}) leads to no ae.safetensors or imported params to "
+            "take it from. Start from a BAGEL folder or an imported workdir, or export later with --mode export.")
 
 
 def _export(config, workdir: str, step: int) -> None:

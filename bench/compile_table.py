@@ -61,21 +61,25 @@ def run_case(case: str, args) -> dict:
 
 def table(rows: list[tuple[str, dict]]) -> str:
     head = ("| case | chips (hosts) | tokens/chip | args GiB | temp GiB | out-alias GiB | total GiB / HBM GiB | "
-            "fits | analytic TFLOP/step | traced/analytic | compile s |\n|" + "---|" * 11)
+            "fits | analytic TFLOP/step | traced/analytic (every block) | executed/analytic (live blocks) | "
+            "compile s |\n|" + "---|" * 12)
     lines = [head]
     for case, r in rows:
         if "error" in r:
-            lines.append(f"| `{case}` | | | | | | | error: {r['error']} | | | |")
+            lines.append(f"| `{case}` | | | | | | | error: {r['error']} | | | | |")
             continue
         if "total_bytes" in r:
             mem = (f"{gib(r['argument_bytes'])} | {gib(r['temp_bytes'])} | "
                    f"{gib(r['output_bytes'] - r['alias_bytes'])} | {gib(r['total_bytes'])} / {gib(r['hbm_bytes'])}")
         else:  # the compiler ran out of HBM: no memory analysis, the message is in the JSON report
-            mem = f"– | – | – | compiler OOM / {gib(r['hbm_bytes'])}"
+            need = re.search(r"temporaries \(([0-9.]+G)\)", r.get("oom_message", ""))
+            mem = f"– | {need.group(1) if need else '–'} (compiler) | – | OOM / {gib(r['hbm_bytes'])}"
+        executed = (f"{r['executed_over_analytic']:.2f} ({r['attention_live_fraction']:.0%} live)"
+                    if "executed_over_analytic" in r else "–")
         lines.append(
             f"| `{case}` | {r['num_chips'] * r['num_slices']} ({r['hosts']}) | {r['tokens_per_chip']:.0f} | {mem} | "
             f"{'**yes**' if r['fits'] else 'no'} | {r['analytic_flops'] / 1e12:.0f} | "
-            f"{r['traced_over_analytic']:.2f} | {r.get('compile_s', 0):.0f} |")
+            f"{r['traced_over_analytic']:.2f} | {executed} | {r.get('compile_s', 0):.0f} |")
     return "\n".join(lines)
 
 

@@ -52,6 +52,34 @@ def test_jaxpr_flops_counts_scan_trips_and_remat():
     assert C.traced_flops(conv, img, k) == 2 * (4 * 8 * 8) * 9 * 3
 
 
+def test_cond_counts_its_dearer_branch_and_the_skippable_part():
+    x, w = jnp.zeros((64, 32)), jnp.zeros((32, 32))
+    mm = 2 * 64 * 32 * 32
+
+    def f(x, w):  # a live/dead block: one branch multiplies, the other passes through
+        return jax.lax.cond(jnp.any(x > 0), lambda a: a @ w, lambda a: a, x)
+
+    assert C.traced_flops(f, x, w, with_skippable=True) == (mm, mm)
+    two = lambda x, w: f(x, w) @ w  # noqa: E731 - a matmul outside the cond is never skippable
+    assert C.traced_flops(two, x, w, with_skippable=True) == (2 * mm, mm)
+    # inside a scan of 3: both scale with the trip count
+    scanned = lambda x, w: jax.lax.scan(lambda h, _: (f(h, w), None), x, None, length=3)[0]  # noqa: E731
+    assert C.traced_flops(scanned, x, w, with_skippable=True) == (3 * mm, 3 * mm)
+
+
+def test_chunked_attention_skippable_flops_are_its_block_matmuls():
+    from sgt_jax.models import attention as A
+
+    b, t, h, d, chunk = 1, 8, 2, 4, 4
+    q = jnp.zeros((b, t, h, d))
+    meta = A.TokenMeta(*(jnp.zeros((b, t), jnp.int32) for _ in range(4)))
+    fn = lambda q: A.chunked_attention(q, q, q, meta, meta, chunk=chunk)  # noqa: E731
+    total, skippable = C.traced_flops(fn, q, with_skippable=True)
+    assert total == skippable == (2 * 2) * 2 * (2 * b * h * chunk * chunk * d)  # 2x2 blocks x (QK^T, PV)
+    no_skip = lambda q: A.chunked_attention(q, q, q, meta, meta, chunk=chunk, skip_masked=False)  # noqa: E731
+    assert C.traced_flops(no_skip, q, with_skippable=True) == (total, 0)
+
+
 # ---- AOT compile on abstract TPU devices (needs libtpu, not a TPU) ----
 
 HIDDEN = 256
@@ -114,6 +142,12 @@ def test_run_writes_report(libtpu, tmp_path, monkeypatch, capsys):
     bwd = 2 * rows * HIDDEN * 8 + 2 * rows * HIDDEN * 8 + 2 * rows * HIDDEN * HIDDEN  # dh, dw2, dw1 (no dx)
     assert rep["traced_flops"] == fwd + bwd
     assert rep["analytic_flops"] > 0 and rep["xla_flops_per_device"] > 0
+    assert rep["skippable_flops"] == 0 and "executed_flops" not in rep  # tiny: live fraction not given
+
+    cfg.compile.attention_live_fraction = 0.25  # the report's executed FLOPs: bound minus dead blocks
+    assert C.run(cfg, args) == 0
+    rep = json.loads((tmp_path / "compile_v5p-8.json").read_text())
+    assert rep["executed_flops"] == rep["traced_flops"] and "25.0% of attention blocks live" in capsys.readouterr().out
 
 
 def test_oom_is_a_verdict(libtpu):

@@ -48,10 +48,8 @@ def main(argv=None):
     p.add_argument("--reserved", action="store_true", help="use a reservation")
     args = p.parse_args(argv)
     tc.check(args)
-    run = tc.Runner(args.dry_run)
     cmds = commands(args)
-    for cmd in cmds:
-        run(cmd)
+    tc.run_all(args, cmds)
     if len(cmds) > 1:
         print("# a queued resource is usable when its state is ACTIVE; re-run the describe command above "
               "until it is, then: python tpu/install.py ...", flush=True)

@@ -28,9 +28,7 @@ def main(argv=None):
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation (gcloud --quiet)")
     args = p.parse_args(argv)
     tc.check(args)
-    run = tc.Runner(args.dry_run)
-    for cmd in commands(args):
-        run(cmd)
+    tc.run_all(args, commands(args))
 
 
 if __name__ == "__main__":

@@ -55,9 +55,7 @@ def main(argv=None):
     p.add_argument("--tmpdir", default="/tmp", help="local folder for the code tarball")
     args = p.parse_args(argv)
     tc.check(args)
-    run = tc.Runner(args.dry_run)
-    for cmd in commands(args):
-        run(cmd)
+    tc.run_all(args, commands(args))
 
 
 if __name__ == "__main__":

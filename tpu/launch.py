@@ -82,9 +82,7 @@ def main(argv=None):
     for kv in args.env:
         if "=" not in kv:
             p.error(f"--env {kv!r}: expected KEY=VALUE")
-    run = tc.Runner(args.dry_run)
-    for cmd in commands(args):
-        run(cmd)
+    tc.run_all(args, commands(args))
 
 
 if __name__ == "__main__":

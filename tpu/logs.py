@@ -47,9 +47,7 @@ def main(argv=None):
     tc.check(args)
     if not 0 <= args.slice < args.num_slices:
         p.error(f"--slice {args.slice} out of range for --num-slices {args.num_slices}")
-    run = tc.Runner(args.dry_run)
-    for cmd in commands(args):
-        run(cmd)
+    tc.run_all(args, commands(args))
 
 
 if __name__ == "__main__":

@@ -101,3 +101,10 @@ class Runner:
         if rc and check:
             raise SystemExit(f"command failed with exit code {rc}: {shlex.join(cmd)}")
         return rc
+
+
+def run_all(args, cmds: list[list[str]]) -> None:
+    """Print and (unless ``--dry-run``) run ``cmds`` in order, stopping at the first failure."""
+    run = Runner(args.dry_run)
+    for cmd in cmds:
+        run(cmd)

@@ -28,23 +28,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _cache_dir(factory) -> str:
-    """One persistent compilation cache for all subprocess training tests of the session."""
-    path = factory.getbasetemp() / "sgt_train_jax_cache"
-    path.mkdir(exist_ok=True)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=_cache_dir(tmp_path_factory),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-    e.pop("XLA_FLAGS", None)
-    for k in ("SGT_COORDINATOR_ADDRESS", "SGT_NUM_PROCESSES", "SGT_PROCESS_ID"):
-        e.pop(k, None)
-    return e
+def env(train_env):
+    return train_env
 
 
 def _train(workdir, steps, env, processes: int, data_log=None):

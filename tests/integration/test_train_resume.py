@@ -21,20 +21,9 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _cache_dir(factory) -> str:
-    """One persistent compilation cache for all subprocess training tests of the session."""
-    path = factory.getbasetemp() / "sgt_train_jax_cache"
-    path.mkdir(exist_ok=True)
-    return str(path)
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    e = dict(os.environ)
-    e.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, JAX_COMPILATION_CACHE_DIR=_cache_dir(tmp_path_factory),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    e.pop("XLA_FLAGS", None)
-    return e
+def env(train_env):
+    return train_env
 
 
 def _cmd(workdir, steps, every, *extra):

@@ -30,38 +30,16 @@ from sgt_jax.checkpoint.vision_tables import (  # noqa: E402
     vae_torch_shapes,
 )
 from sgt_jax.models.flux_vae import FluxVAE  # noqa: E402
+from tests.parity.torch_models import random_diffusers_vae  # noqa: E402
 
 ATOL = 2e-5
 
 CFG = ml_collections.ConfigDict(dict(in_channels=3, out_channels=3, ch=16, ch_mult=(1, 2, 2), num_res_blocks=2,
                                      z_channels=16, num_groups=8, scale_factor=0.3611, shift_factor=0.1159))
 
-
-def _diffusers_vae(c):
-    n = len(c.ch_mult)
-    model = diffusers.AutoencoderKL(
-        in_channels=c.in_channels, out_channels=c.out_channels,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(c.ch * m for m in c.ch_mult), layers_per_block=c.num_res_blocks,
-        act_fn="silu", latent_channels=c.z_channels, norm_num_groups=c.num_groups,
-        scaling_factor=c.scale_factor, shift_factor=c.shift_factor,
-        use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True,
-    ).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # random everything, incl. biases and norm affines, at unit-ish output scale
-        for name, p in model.named_parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
-
-
 @pytest.fixture(scope="module")
 def setup():
-    hf = _diffusers_vae(CFG)
+    hf = random_diffusers_vae(CFG, seed=0)
     sd = {k: v.numpy() for k, v in hf.state_dict().items()}
     params = vae_state_dict_to_params(sd, CFG)
     abstract = nnx.eval_shape(lambda: FluxVAE(CFG, rngs=nnx.Rngs(0)))  # no random init compute

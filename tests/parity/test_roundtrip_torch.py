@@ -27,34 +27,15 @@ from sgt_jax.checkpoint.table import flatten_paths  # noqa: E402
 from sgt_jax.configs_util import load_config  # noqa: E402
 from sgt_jax.main import ModeArgs  # noqa: E402
 from tests.fixtures.bagel_folder import ema_key_shapes, flux_ae_key_shapes, write_bagel_folder  # noqa: E402
+from tests.parity.torch_models import random_diffusers_vae  # noqa: E402
 
 ATOL = 1e-4
-
-
-def _diffusers_vae(c):
-    n = len(c.ch_mult)
-    model = diffusers.AutoencoderKL(
-        in_channels=c.in_channels, out_channels=c.out_channels,
-        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(c.ch * m for m in c.ch_mult), layers_per_block=c.num_res_blocks,
-        act_fn="silu", latent_channels=c.z_channels, norm_num_groups=c.num_groups,
-        use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True,
-    ).eval()
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
-            else:
-                p.copy_((1.0 if "norm" in name and name.endswith("weight") else 0.0)
-                        + 0.1 * torch.randn(p.shape, generator=gen))
-    return model
 
 
 def test_diffusers_vae_folder_imports_and_exports(tmp_path):
     config = load_config("configs/sgt_tiny.py")
     m = config.model
-    hf = _diffusers_vae(m.vae)
+    hf = random_diffusers_vae(m.vae, seed=3, norm_jitter=0.1, with_factors=False)
     ae = {k: v.numpy() for k, v in hf.state_dict().items()}
     assert any(".down_blocks." in k for k in ae)
     src, run, out = (str(tmp_path / n) for n in ("src", "run", "out"))

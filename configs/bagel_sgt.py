@@ -154,6 +154,10 @@ def _data_pipeline(c, variant):
     # "cached": batches carry latent_mean/latent_logvar read from d.latent_cache (built by --mode prepare).
     d.latents = "online" if tiny else "cached"
     d.latent_cache = ""  # folder of the latent-statistics ArrayRecord shards (cached mode)
+    # Resuming on another number of processes (e.g. a pod of another size): False = a clear error (exact
+    # resume needs the same count); True = continue after the furthest position any old process read
+    # (sgt_jax/data/pipeline.py reshard_states; the not-yet-read samples below it are skipped, and logged).
+    d.reshard_on_resume = False
 
 
 def get_config(variant: str = "7b") -> ml_collections.ConfigDict:

@@ -34,6 +34,7 @@ import numpy as np
 from sgt_jax.data import plans, records, templates
 from sgt_jax.data.mixing import GROUPS, Mixer
 from sgt_jax.data.packing import BatchLayout, assemble_batch, efficiency
+from sgt_jax.data.bad_data import SkipCounter
 from sgt_jax.data.records import BadSample
 from sgt_jax.data.tokenizer import get_tokenizer
 from sgt_jax.data.transforms import Transforms
@@ -212,6 +213,11 @@ class TrainIterator:
         self.mixer.set_state(state["mixer"])
         self._eff_sum = dict(state["efficiency_sum"])
 
+    @staticmethod
+    def reshard_states(states: list[dict], process_index: int, process_count: int) -> tuple[dict, int]:
+        """See the module-level ``reshard_states`` (elastic resume on another number of processes)."""
+        return reshard_states(states, process_index, process_count)
+
     def stats(self) -> dict:
         """Mixer stats (ratios, skips by reason) + mean packing efficiency per budget over all batches."""
         out = copy.deepcopy(self.mixer.stats())
@@ -226,6 +232,59 @@ class TrainIterator:
     def close(self) -> None:
         for s in self.streams.values():
             s.close()
+
+
+def reshard_states(states: list[dict], process_index: int, process_count: int) -> tuple[dict, int]:
+    """This process's iterator state, built from the states that ``len(states)`` processes saved, for a
+    run with ``process_count`` processes (elastic resume: a pod resumed on another size). Returns
+    ``(state, skipped)``.
+
+    Each group's stream is one global shuffled sequence; old process ``i`` of ``P`` read its positions
+    ``i, i+P, ...`` up to its own read position. The new processes start right after the furthest
+    position any old process read, so nothing is read twice, but the positions below it that a slower
+    old process had not reached yet are never read in this epoch: ``skipped`` counts them (at most about
+    ``P`` x the spread of the old read positions; small next to an epoch). Samples the old processes had
+    read but not yet packed (their carry) are handed to the new process that owns their global position
+    and are packed first. The counters (totals, skips, efficiency sums) move to process 0 summed, so the
+    run's statistics stay whole. The batches that follow are therefore NOT those of an uninterrupted run
+    with the old layout (that is impossible with another number of processes), and the realised seg:VQA
+    quota is unaffected (the mixer enforces it per batch)."""
+    old_count = len(states)
+    if not states or any(s.get("version") != STATE_VERSION for s in states):
+        raise ValueError(f"cannot reshard data iterator states of versions {[s.get('version') for s in states]}")
+    if sorted(s["process_index"] for s in states) != list(range(old_count)) or \
+            any(s["process_count"] != old_count for s in states):
+        raise ValueError("the saved data iterator states are not one per process of one run")
+    states = sorted(states, key=lambda s: s["process_index"])
+    groups = sorted(states[0]["positions"])
+    positions, skipped = {}, 0
+    for g in groups:
+        read = [s["process_index"] + s["positions"][g] * old_count for s in states]  # first unread global pos.
+        frontier = max(read)
+        skipped += sum(-(-(frontier - r) // old_count) for r in read)
+        positions[g] = -(-(frontier - process_index) // process_count)  # first local index >= frontier
+    carry = []
+    for s in states:
+        for g, idx in s["mixer"]["carry"]:
+            pos = s["process_index"] + int(idx) * old_count
+            if pos % process_count == process_index:
+                carry.append([g, pos // process_count])
+    mixer = {"carry": carry, "skipped": {}, "totals": {k: 0 for k in states[0]["mixer"]["totals"]}}
+    eff = {k: 0.0 for k in states[0]["efficiency_sum"]}
+    for g in states[0]["mixer"]["skipped"]:
+        counter = SkipCounter()
+        if process_index == 0:
+            for s in states:
+                counter.merge(s["mixer"]["skipped"][g])
+        mixer["skipped"][g] = counter.as_dict()
+    if process_index == 0:
+        for s in states:
+            for k, v in s["mixer"]["totals"].items():
+                mixer["totals"][k] += v
+            for k, v in s["efficiency_sum"].items():
+                eff[k] += v
+    return {"version": STATE_VERSION, "process_index": process_index, "process_count": process_count,
+            "positions": positions, "mixer": mixer, "efficiency_sum": eff}, skipped
 
 
 def make_train_iterator(config, *, process_index: int = 0, process_count: int = 1, sources: dict | None = None):

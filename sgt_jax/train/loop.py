@@ -125,16 +125,26 @@ def _print_memory(compiled) -> None:
           + f"; total ~{total:.3f}")
 
 
-def _restore_data_state(iterator, data: dict) -> None:
+def _restore_data_state(iterator, data: dict, reshard: bool = False) -> None:
     n, pi = jax.process_count(), jax.process_index()
     states = data["states"]
     if data["process_count"] != n and all(s == states[0] for s in states):
         iterator.set_state(states[0])  # a layout-independent state (the same on every process)
         return
     if data["process_count"] != n:
+        resharder = getattr(iterator, "reshard_states", None)
+        if reshard and resharder is not None:
+            state, skipped = resharder(states, pi, n)
+            log.warning("data iterator resharded from %d to %d processes: the data order continues from the "
+                        "furthest position read; %d samples below it were not yet read and are skipped this "
+                        "epoch (config.data.reshard_on_resume)", data["process_count"], n, skipped)
+            iterator.set_state(state)
+            return
         raise ValueError(
             f"the checkpoint's data-iterator state was written by {data['process_count']} processes, this run has "
-            f"{n}: the data order cannot be resumed exactly. Resume with {data['process_count']} processes.")
+            f"{n}: the data order cannot be resumed exactly. Resume with {data['process_count']} processes, or "
+            "set --config.data.reshard_on_resume=True to continue from the furthest position read (the samples "
+            "a slower process had not reached yet are skipped for this epoch, and counted in the log).")
     iterator.set_state(data["states"][pi])
 
 
@@ -172,7 +182,7 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
     if state is None:
         state = checkpointing.initial_state(config, spec, mesh)
     else:
-        _restore_data_state(iterator, data)
+        _restore_data_state(iterator, data, bool(config.data.get("reshard_on_resume", False)))
     start = int(jax.device_get(state["step"]))
     print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices, "
           f"{jax.process_count()} process(es); starting at step {start} of {total_steps}")

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from sgt_jax.data.pipeline import build_stream, default_sources, make_train_iterator
+from sgt_jax.data.pipeline import build_stream, default_sources, make_train_iterator, reshard_states
 from sgt_jax.data.records import BadSample
 from sgt_jax.data.tokenizer import get_tokenizer
 
@@ -127,3 +127,57 @@ def test_bad_and_over_budget_samples_are_skipped_and_counted(tiny_config):
     # every seg position read was either packed, carried or counted as skipped
     assert positions["seg"] == st["n_seg"] + st["skipped"]["seg"]["corrupt_image"] + sum(
         1 for g, _ in it.get_state()["mixer"]["carry"] if g == "seg")
+
+
+@pytest.mark.parametrize("old_n,new_n", [(2, 1), (1, 2)])
+def test_reshard_states_for_another_process_count(tiny_config, old_n, new_n):
+    """Elastic resume: no position is read twice, carried samples are kept (each by the process that
+    owns its global position), counters are summed on process 0, and the new iterators run."""
+    cfg = _small_world(tiny_config, n=64)
+    olds = [make_train_iterator(cfg, process_index=i, process_count=old_n) for i in range(old_n)]
+    for it in olds:
+        for _ in range(3 if it.process_index == 0 else 2):  # uneven progress, like real processes
+            next(it)
+    states = [json.loads(json.dumps(it.get_state())) for it in olds]
+    read = {g: [s["process_index"] + s["positions"][g] * old_n for s in states] for g in states[0]["positions"]}
+    old_carry = sorted((g, s["process_index"] + i * old_n) for s in states for g, i in s["mixer"]["carry"])
+    news, skipped_total = [], 0
+    for j in range(new_n):
+        state, skipped = reshard_states(states, j, new_n)
+        skipped_total = skipped
+        for g, pos in state["positions"].items():
+            first = j + pos * new_n
+            assert first >= max(read[g]) and first - max(read[g]) < new_n  # right after the furthest read
+        it = make_train_iterator(cfg, process_index=j, process_count=new_n)
+        it.set_state(state)
+        news.append((it, state))
+    new_carry = sorted((g, j + i * new_n) for j, (_, s) in enumerate(news) for g, i in s["mixer"]["carry"])
+    assert new_carry == old_carry
+    assert skipped_total == sum(-(-(max(r) - x) // old_n) for r in read.values() for x in r)
+    totals = news[0][1]["mixer"]["totals"]
+    for k in totals:
+        assert totals[k] == sum(s["mixer"]["totals"][k] for s in states)
+    for j, (it, _) in enumerate(news):
+        if j:
+            assert not any(it.get_state()["mixer"]["totals"].values())
+        batch = next(it)
+        assert batch["tokens"].shape[0] == cfg.data.packs_per_batch // new_n
+        for g, stream in it.streams.items():  # reading went on from the resharded positions
+            assert stream.pos >= news[j][1]["positions"][g]
+
+
+def test_loop_restores_a_2_process_data_state_in_1_process_only_when_asked(tiny_config, caplog):
+    from sgt_jax.train.loop import _restore_data_state
+
+    cfg = _small_world(tiny_config, n=64)
+    olds = [make_train_iterator(cfg, process_index=i, process_count=2) for i in range(2)]
+    for it in olds:
+        next(it)
+    data = {"process_count": 2, "states": [it.get_state() for it in olds]}
+    it = make_train_iterator(cfg)
+    with pytest.raises(ValueError, match="reshard_on_resume"):
+        _restore_data_state(it, data)
+    _restore_data_state(it, data, reshard=True)
+    assert "resharded from 2 to 1 processes" in caplog.text
+    assert it.get_state()["mixer"]["totals"]["batches"] == 2
+    next(it)

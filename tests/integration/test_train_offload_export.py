@@ -69,6 +69,8 @@ def test_export_at_end_without_a_vae_source_is_refused_before_training(tmp_path)
 def test_export_at_end_equals_export_mode(tmp_path):
     cfg = _config()
     cfg.data.latents = "online"  # the model (and so every checkpoint) holds the frozen VAE
+    # the loop meshes all devices (8 fake CPU devices when the suite runs multidevice tests): one pack each
+    cfg.data.packs_per_batch = max(2, jax.device_count())
     cfg.checkpoint.export_at_end = "ema"
     workdir = str(tmp_path / "run")
     assert loop.run(cfg, ModeArgs(workdir=workdir), iterator_fn=FakeIterator) == 0

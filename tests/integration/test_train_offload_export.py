@@ -25,7 +25,8 @@ pytestmark = pytest.mark.slow
 
 
 def _config(steps: int = 2):
-    cfg = small_config(packs=2, latents="cached")
+    # the loop meshes all devices (8 fake CPU devices when the suite runs multidevice tests): a pack each
+    cfg = small_config(packs=max(2, jax.device_count()), latents="cached")
     cfg.train.ema_decay = 0.9
     cfg.train.ema_offload = True
     cfg.optim.warmup_steps = 0
@@ -69,8 +70,6 @@ def test_export_at_end_without_a_vae_source_is_refused_before_training(tmp_path)
 def test_export_at_end_equals_export_mode(tmp_path):
     cfg = _config()
     cfg.data.latents = "online"  # the model (and so every checkpoint) holds the frozen VAE
-    # the loop meshes all devices (8 fake CPU devices when the suite runs multidevice tests): one pack each
-    cfg.data.packs_per_batch = max(2, jax.device_count())
     cfg.checkpoint.export_at_end = "ema"
     workdir = str(tmp_path / "run")
     assert loop.run(cfg, ModeArgs(workdir=workdir), iterator_fn=FakeIterator) == 0
@@ -92,3 +91,29 @@ def test_export_at_end_equals_export_mode(tmp_path):
     r = load_file(os.path.join(raw, "ema.safetensors"))
     moved = [k for k in a if a[k].tobytes() != r[k].tobytes()]
     assert moved, "the EMA export should differ from the raw weights after 2 updates with decay 0.9"
+
+
+def test_init_from_a_bagel_folder_and_export_at_end_with_its_vae(tmp_path):
+    """Train straight from a BAGEL PyTorch folder with cached latents (no VAE in the checkpoints): the
+    export at the end takes the frozen VAE from that folder, and with EMA 0.9999 the exported EMA is
+    still the folder's weights to bf16 rounding, under the folder's exact key set."""
+    from tests.fixtures.bagel_folder import write_bagel_folder
+
+    cfg = _config()
+    cfg.train.ema_decay = 0.9999
+    cfg.train.ema_offload = False
+    folder = write_bagel_folder(str(tmp_path / "bagel"), cfg.model, seed=5)
+    cfg.checkpoint.init_from = folder
+    cfg.checkpoint.export_at_end = "ema"
+    workdir = str(tmp_path / "run")
+    assert loop.run(cfg, ModeArgs(workdir=workdir), iterator_fn=FakeIterator) == 0
+    out = os.path.join(workdir, "export")
+    ae_src, ae_out = load_file(os.path.join(folder, "ae.safetensors")), load_file(os.path.join(out, "ae.safetensors"))
+    assert ae_src.keys() == ae_out.keys()
+    for k in ae_src:
+        assert ae_src[k].tobytes() == ae_out[k].tobytes(), k
+    src, got = load_file(os.path.join(folder, "ema.safetensors")), load_file(os.path.join(out, "ema.safetensors"))
+    assert src.keys() == got.keys()
+    for k in src:
+        a, b = src[k].astype(np.float32), got[k].astype(np.float32)
+        np.testing.assert_allclose(b, a, atol=1e-2 * (np.abs(a).max() + 1e-6), err_msg=k)

@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 CAUSAL, FULL, NOISE = 0, 1, 2
 IMPLS = ("dense", "chunked")
@@ -188,8 +189,6 @@ def live_block_fraction(q_meta: TokenMeta, k_meta: TokenMeta, *, chunk: int) -> 
     """Fraction of (pack, query block, key block) triples ``chunked_attention`` computes (the others are
     skipped): a block is live when its mask has any True. Host-side (numpy), for FLOP accounting; one
     pack at a time so no ``[B, T, T]`` array is formed."""
-    import numpy as np  # noqa: PLC0415
-
     qa = [np.asarray(a) for a in q_meta]
     ka = [np.asarray(a) for a in k_meta]
     tq, tk = qa[0].shape[1], ka[0].shape[1]

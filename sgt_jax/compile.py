@@ -180,10 +180,12 @@ def jaxpr_flops(jaxpr, multiplier: int = 1, acc: dict | None = None) -> dict[str
             cost = [c["dot_general"] + c["conv"] for c in branch_costs]
             best = branch_costs[cost.index(max(cost))]
             for k in acc:
-                acc[k] += best[k]
-            # what a cheaper branch would save (in the step: the dead attention blocks; the NaN-skip
-            # cond holds no matmul): counted in the total above, reported apart
-            acc["cond_skippable"] += max(cost) - min(cost)
+                if k != "cond_skippable":
+                    acc[k] += best[k]
+            # what the cheapest path through this cond (its branches' own conds included) would save over
+            # the bound (in the step: the dead attention blocks; the NaN-skip cond holds no matmul)
+            least = min(c - bc["cond_skippable"] for c, bc in zip(cost, branch_costs))
+            acc["cond_skippable"] += max(cost) - least
             continue
         if name == "while":
             acc["while_loops"] += 1
@@ -271,9 +273,9 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"FLOPs/step (global): analytic model {r['analytic_flops']:.3e} "
                      f"(6*N_active*tokens part {r['six_n_tokens_flops']:.3e}); traced program "
                      f"{r['traced_flops']:.3e} -> ratio {r['traced_over_analytic']:.2f}x "
-                     f"({r['traced_over_analytic_plus_remat']:.2f}x over model + full-remat recompute); "
-                     f"every attention block counted (upper bound), {r.get('skippable_flops', 0):.3e} of it in "
-                     f"blocks skipped when dead")
+                     f"({r['traced_over_analytic_plus_remat']:.2f}x over model + full-remat recompute)"
+                     + (f"; every attention block counted (upper bound), {r['skippable_flops']:.3e} of it in "
+                        "blocks skipped when dead" if r.get("skippable_flops") else ""))
     if "executed_flops" in r:
         lines.append(f"FLOPs executed with {r['attention_live_fraction']:.1%} of attention blocks live "
                      f"(config.compile.attention_live_fraction): {r['executed_flops']:.3e} -> ratio "
@@ -333,9 +335,10 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
     report.update(compile_and_analyse(jitted, args, hbm_bytes=spec.chip.hbm_bytes, progress=progress))
     progress("counting the traced program's FLOPs")
     from sgt_jax.train.freeze import flops_frozen_modules  # noqa: PLC0415
+    from sgt_jax.train.state import latents_online  # noqa: PLC0415
 
     analytic = flops_lib.step_flops(config.model, budgets, packs=packs, frozen=flops_frozen_modules(config),
-                                    vae_online=config.data.get("latents", "cached") == "online")
+                                    vae_online=latents_online(config))
     act = flops_lib.active_params(config.model)
     six_n = 6 * (act["llm_expert"] * budgets.tokens + act["lm_head"] * budgets.ce_labels +
                  (act["vit"] + act["connector"]) * budgets.vit_patches) * packs

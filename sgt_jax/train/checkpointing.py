@@ -39,7 +39,7 @@ def layout_meta(config, mesh: Mesh) -> dict:
         "ema_dtype": str(config.train.get("ema_dtype", "float32")),
         "ema": float(config.train.get("ema_decay", 0.0)) > 0,
         "frozen_groups": sorted(frozen_groups(config)),
-        "with_vae": str(config.data.get("latents", "online")) == "online",
+        "with_vae": state_lib.latents_online(config),
         "mesh": {k: int(v) for k, v in dict(mesh.shape).items()},
         "process_count": jax.process_count(),
     }

@@ -91,9 +91,8 @@ def _flops_per_step(config, global_packs: int) -> float | None:
     from sgt_jax.train import flops as flops_lib
 
     budgets = flops_lib.budgets_from_config(config)
-    online = str(config.data.get("latents", "online")) == "online"
     return flops_lib.step_flops(config.model, budgets, packs=global_packs, frozen=flops_frozen_modules(config),
-                                vae_online=online).total
+                                vae_online=state_lib.latents_online(config)).total
 
 
 def _peak_flops(config) -> float | None:
@@ -285,7 +284,7 @@ def _check_export_at_end(config) -> None:
     from sgt_jax.checkpoint import convert
 
     init_from = str(config.checkpoint.get("init_from", "") or "")
-    if str(config.data.get("latents", "online")) != "online" and not convert.vae_available(init_from):
+    if not state_lib.latents_online(config) and not convert.vae_available(init_from):
         raise ValueError(
             f"config.checkpoint.export_at_end={weights!r}: a cached-latent run keeps no VAE in its checkpoints, "
             f"and config.checkpoint.init_from ({init_from!r}) leads to no ae.safetensors or imported params to "
@@ -295,15 +294,9 @@ def _check_export_at_end(config) -> None:
 def _export(config, workdir: str, step: int) -> None:
     """Write the EMA or raw weights of the final checkpoint as a BAGEL PyTorch folder."""
     from sgt_jax.checkpoint import convert
+    from sgt_jax.main import ModeArgs
 
-    weights = str(config.checkpoint.export_at_end)
-    if weights not in ("ema", "raw"):
-        raise ValueError(f"config.checkpoint.export_at_end={weights!r}; allowed: '', 'ema', 'raw'")
     dest = str(config.checkpoint.get("export_dir", "") or "") or os.path.join(workdir, "export")
-
-    class _Args:
-        pass
-
-    a = _Args()
-    a.workdir, a.step, a.weights, a.dest = workdir, step, weights, dest
-    convert.run_export(config, a)
+    # export_at_end was validated by _check_export_at_end before step 0
+    convert.run_export(config, ModeArgs(workdir=workdir, dest=dest, step=step,
+                                        weights=str(config.checkpoint.export_at_end)))

@@ -37,11 +37,17 @@ from sgt_jax.train.optim import make_optimizer
 SCALARS = ("step", "rng", "nonfinite", "skipped")
 
 
+def latents_online(config) -> bool:
+    """True when the step encodes ``vae_images`` itself (the model, and so its checkpoints, hold the frozen
+    VAE); False for cached latent statistics (``config.data.latents = "cached"``: no VAE in the model)."""
+    return str(config.data.get("latents", "online")) == "online"
+
+
 def default_model_fn(config) -> Callable[[nnx.Rngs], nnx.Module]:
     """Bagel built from ``config.model``; the VAE is included only for online latent encoding."""
     from sgt_jax.models.bagel import Bagel
 
-    with_vae = str(config.data.get("latents", "online")) == "online"
+    with_vae = latents_online(config)
     return lambda rngs: Bagel(config.model, rngs=rngs, with_vae=with_vae)
 
 

@@ -65,6 +65,9 @@ def test_cond_counts_its_dearer_branch_and_the_skippable_part():
     # inside a scan of 3: both scale with the trip count
     scanned = lambda x, w: jax.lax.scan(lambda h, _: (f(h, w), None), x, None, length=3)[0]  # noqa: E731
     assert C.traced_flops(scanned, x, w, with_skippable=True) == (3 * mm, 3 * mm)
+    # a cond inside the dearer branch of a cond: the skippable part never exceeds the bound
+    nested = lambda x, w: jax.lax.cond(jnp.any(x < 0), lambda a: f(a, w) @ w, lambda a: a, x)  # noqa: E731
+    assert C.traced_flops(nested, x, w, with_skippable=True) == (2 * mm, 2 * mm)
 
 
 def test_chunked_attention_skippable_flops_are_its_block_matmuls():

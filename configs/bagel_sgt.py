@@ -3,6 +3,8 @@
 Variants (``--config configs/bagel_sgt.py:VARIANT``):
   7b    BAGEL-7B-MoT with the paper's SGT hyper-parameters (specs/bagel.md §1, specs/sgt_recipe.md §3.1).
   tiny  a few-M-parameter model of the same shape family, for CPU runs and tests.
+  small ~8.4 M parameters of the same family, sized to LEARN the synthetic world on a CPU (the SGT ablation of
+        bench/toy_sgt.py); otherwise the tiny variant's settings (synthetic data, fp32, dense attention).
 
 Each top-level section belongs to one part of the code base:
   model -> sgt_jax/models, data -> sgt_jax/data, train/optim -> sgt_jax/train, mesh -> sgt_jax/parallel,
@@ -12,7 +14,7 @@ Each top-level section belongs to one part of the code base:
 
 import ml_collections
 
-VARIANTS = ("7b", "tiny")
+VARIANTS = ("7b", "tiny", "small")
 
 
 def _model_7b():
@@ -85,6 +87,32 @@ def _model_tiny():
     m.attention_impl = "dense"
     m.attention_chunk = 128
     return m
+
+
+def _model_small():
+    m = _model_tiny()
+    m.llm.update(dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+                      intermediate_size=768))
+    m.vit.update(dict(hidden_size=128, intermediate_size=256, num_heads=2, num_layers=2))
+    # VAE stride 8 (downsample 4 x latent patch 2): a 64x64 scene is 8x8 latent tokens of 2*2*8 values.
+    m.vae.update(dict(ch_mult=(1, 2, 2), z_channels=8))
+    return m
+
+
+def _small_overrides(c):
+    """The small variant: the tiny variant's settings with the model, world and budgets of bench/toy_sgt.py."""
+    c.model = _model_small()
+    # Square 64x64 scenes (8x8 latent tokens per generated image), with relative-size questions.
+    c.data.sources.synthetic.update(dict(sizes=((64, 64),), num_samples=4096, size_questions=True))
+    c.data.transforms.update(dict(vae=(64, 32, 8)))
+    c.data.packs_per_batch = 1
+    # One pack holds 4 generated images (4 x 64 gen tokens) with 2 VQA samples, or 1 VQA + 4 SGT samples
+    # (bench/toy_sgt.py; the most und tokens measured over 150 such steps: 236).
+    c.data.pack = ml_collections.ConfigDict(dict(und_tokens=288, gen_tokens=256, vit_patches=96, ce_labels=96,
+                                                 vae_images=4))
+    c.generate.update(dict(height=64, width=64, num_timesteps=12))
+    c.analysis.update(dict(attn_gen_size=(64, 64)))
+    c.mesh.max_replicated_fraction = 0.25
 
 
 def _data_sources(variant):
@@ -165,7 +193,8 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown bagel_sgt variant {variant!r}; choose one of {VARIANTS}")
     c = ml_collections.ConfigDict()
     c.variant = variant
-    c.model = _model_7b() if variant == "7b" else _model_tiny()
+    base = "tiny" if variant == "small" else variant  # small = tiny settings + _small_overrides at the end
+    c.model = _model_7b() if base == "7b" else _model_tiny()
 
     # ---- data (sgt_jax/data) ----
     c.data = ml_collections.ConfigDict()
@@ -173,18 +202,18 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     # -- data.sources / data.proxy_task (sgt_jax/data/sources, docs/data_sources.md) --
     # proxy task of the segmentation-family samples: segmentation | reconstruction | edge | inpainting
     c.data.proxy_task = "segmentation"
-    c.data.sources = _data_sources(variant)
-    _data_pipeline(c, variant)  # -- data pipeline keys (sgt_jax/data pipeline, docs/data_pipeline.md) --
+    c.data.sources = _data_sources(base)
+    _data_pipeline(c, base)  # -- data pipeline keys (sgt_jax/data pipeline, docs/data_pipeline.md) --
 
     # ---- train / optim (sgt_jax/train) ----
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 8000 if variant == "7b" else 20
+    c.train.steps = 8000 if base == "7b" else 20
     c.train.seed = 4396
     c.train.ce_weight = 1.5
     c.train.mse_weight = 1.0
     c.train.timestep_shift = 1.0
-    c.train.platform = "tpu" if variant == "7b" else "any"  # startup check: "", any, cpu, gpu, tpu
-    c.train.ce_chunk = 2048 if variant == "7b" else 16  # CE labels per LM-head chunk (never [L, V] at once)
+    c.train.platform = "tpu" if base == "7b" else "any"  # startup check: "", any, cpu, gpu, tpu
+    c.train.ce_chunk = 2048 if base == "7b" else 16  # CE labels per LM-head chunk (never [L, V] at once)
     c.train.ema_decay = 0.9999
     c.train.ema_dtype = "float32"  # or "bfloat16" (halves EMA memory)
     c.train.ema_offload = False  # keep the EMA in pinned_host memory (error if the backend has none)
@@ -195,7 +224,7 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     c.train.freeze = ml_collections.ConfigDict(
         dict(vit=False, connector=False, und=False, gen=False, embeddings=False, lm_head=False))
     c.optim = ml_collections.ConfigDict(
-        dict(lr=1e-4, warmup_steps=1000 if variant == "7b" else 2, schedule="constant", min_lr=1e-7,
+        dict(lr=1e-4, warmup_steps=1000 if base == "7b" else 2, schedule="constant", min_lr=1e-7,
              b1=0.9, b2=0.95, eps=1e-15, weight_decay=0.0, clip_norm=1.0)
     )
 
@@ -235,7 +264,7 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
         ("act_mlp", "tensor"),
         ("act_vocab", "tensor"),
     )
-    c.mesh.max_replicated_fraction = 0.02 if variant == "7b" else 0.25  # startup check (tiny: norms weigh more)
+    c.mesh.max_replicated_fraction = 0.02 if base == "7b" else 0.25  # startup check (tiny: norms weigh more)
     # Multi-process launch (also read from $SGT_COORDINATOR_ADDRESS/$SGT_NUM_PROCESSES/$SGT_PROCESS_ID);
     # auto=True lets jax.distributed detect the cluster (TPU pods). Empty: single process.
     c.mesh.distributed = ml_collections.ConfigDict(
@@ -243,7 +272,7 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
 
     # ---- checkpoint (sgt_jax/checkpoint) ----
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every = 1000 if variant == "7b" else 10
+    c.checkpoint.every = 1000 if base == "7b" else 10
     c.checkpoint.keep = 3
     c.checkpoint.init_from = ""  # "" (random init), an imported workdir, or a BAGEL PyTorch folder
     c.checkpoint.async_save = True
@@ -259,11 +288,13 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     # skips the rest, and compile mode reports executed FLOPs with it (0: report only the upper bound,
     # every block computed). 7b: 0.3, above every batch measured by bench/attention_live_blocks.py at
     # chunk 1024 (0.20-0.28; bench/results/attention_blocks.md).
-    c.compile.attention_live_fraction = 0.3 if variant == "7b" else 0.0
+    c.compile.attention_live_fraction = 0.3 if base == "7b" else 0.0
 
     # ---- generate / understand / segment / evaluate / analysis (sgt_jax/sampling, sgt_jax/eval) ----
-    _inference(c, variant)
+    _inference(c, base)
 
+    if variant == "small":
+        _small_overrides(c)
     return c
 
 

@@ -179,6 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--measure", action="store_true",
                     help="measure the CPU cost per step/item of every stage and extrapolate the full study "
                          "(bench/toy_sgt_measure.py); writes <workdir>/measure.json")
+    ap.add_argument("--jax-cache", default="", help="persistent compilation cache (default <workdir>/jax_cache)")
     ap.add_argument("--report", default="", help="report path (default: bench/results/toy_sgt.md; "
                                                   "--quick: <workdir>/toy_sgt.md)")
     args = ap.parse_args(argv)
@@ -187,7 +188,7 @@ def main(argv=None) -> int:
 
     workdir = os.path.abspath(args.workdir)
     os.makedirs(workdir, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    jax.config.update("jax_compilation_cache_dir", args.jax_cache or os.path.join(workdir, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     import toy_sgt_eval as ev
     import toy_sgt_lib as lib

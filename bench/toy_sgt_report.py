@@ -35,6 +35,13 @@ def _fmt(ci) -> str:
     return f"{100 * ci['mean']:.1f} [{100 * ci['lo']:.1f}, {100 * ci['hi']:.1f}]"
 
 
+def _save(plt, fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _plots(out_dir: str, arms: list[str], mcq: dict, ratio_pts: list, curves: dict) -> list[str]:
     import matplotlib
 
@@ -50,10 +57,7 @@ def _plots(out_dir: str, arms: list[str], mcq: dict, ratio_pts: list, curves: di
     ax.set_xticks(xs, arms, rotation=20)
     ax.set_ylabel("MCQ accuracy (%)")
     ax.set_title("held-out perception MCQ, 95% bootstrap CI")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "toy_sgt_accuracy.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, os.path.join(out_dir, "toy_sgt_accuracy.png")))
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     r = [p[0] for p in ratio_pts]
@@ -64,10 +68,7 @@ def _plots(out_dir: str, arms: list[str], mcq: dict, ratio_pts: list, curves: di
     ax.set_xlabel("seg : VQA samples per step")
     ax.set_ylabel("MCQ accuracy (%)")
     ax.set_title("SGT ratio study")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "toy_sgt_ratio.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, os.path.join(out_dir, "toy_sgt_ratio.png")))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for name, rows in curves.items():
@@ -81,10 +82,7 @@ def _plots(out_dir: str, arms: list[str], mcq: dict, ratio_pts: list, curves: di
         ax.set_title(key)
         ax.set_yscale("log")
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "toy_sgt_curves.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(_save(plt, fig, os.path.join(out_dir, "toy_sgt_curves.png")))
     return paths
 
 

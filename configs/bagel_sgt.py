@@ -142,6 +142,9 @@ def _data_pipeline(c, variant):
     # Explicit seg:VQA quota per global batch. mode "samples": every batch holds exactly seg:vqa samples in
     # that ratio (whole groups of seg+vqa samples); "tokens": the ratio of their tokens, greedily tracked.
     d.quota = ml_collections.ConfigDict(dict(mode="samples", seg=2, vqa=1))
+    # Candidate samples per group that the packer chooses from (best fit, sgt_jax/data/mixing.py); part of the
+    # checkpointed iterator state. 1 = arrival order.
+    d.pack_buffer = 4 if tiny else 32
     d.text_cond_dropout = 0.1  # SGT plan: the instruction split is dropped with this p (no RoPE advance)
     # ImageTransform (max, min, stride); vlm_max_pixels is shared by the images of one VQA sample.
     d.transforms = ml_collections.ConfigDict(

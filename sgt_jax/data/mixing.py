@@ -37,13 +37,26 @@ uninterrupted batches exactly.
 
 from __future__ import annotations
 
+import collections
+
 from sgt_jax.data.bad_data import SkipCounter
 from sgt_jax.data.packing import PackBudget, PackUsage, pack_plans, place
 from sgt_jax.data.records import BadSample
 
 GROUPS = ("seg", "vqa")
 MAX_CONSECUTIVE_SKIPS = 10_000  # a source that yields only bad samples is a configuration error, not data
+LOOK = [1]
 OVERDUE_FACTOR = 4  # a candidate is overdue after OVERDUE_FACTOR * buffer later reads of its group
+
+
+def _best_subset_sum(free: int, sizes: collections.Counter, used: int) -> int:
+    """The largest total <= ``free`` of a sub-multiset of ``sizes`` (size -> count), one ``used`` taken out."""
+    reach = 1  # bit t set: total t is reachable
+    mask = (1 << (free + 1)) - 1
+    for size, count in sizes.items():
+        for _ in range(min(count - (size == used), free // size)):
+            reach = (reach | (reach << size)) & mask
+    return reach.bit_length() - 1
 
 
 class _Batch:
@@ -52,10 +65,17 @@ class _Batch:
     def __init__(self, plans: list[dict], where: list[int]):
         self.plans, self.where = plans, where
 
-    def add(self, plan: dict, n_packs: int, budget: PackBudget, reserve: float = 0.0, min_gen: int = 0) -> "_Batch | None":
+    def usage(self, n_packs: int) -> list[PackUsage]:
         packs = [PackUsage() for _ in range(n_packs)]
         for p, i in zip(self.plans, self.where):
             packs[i].add(p)
+        return packs
+
+    def put(self, plan: dict, pack: int) -> "_Batch":
+        return _Batch(self.plans + [plan], self.where + [pack])
+
+    def add(self, plan: dict, n_packs: int, budget: PackBudget, reserve: float = 0.0, min_gen: int = 0) -> "_Batch | None":
+        packs = self.usage(n_packs)
         j = place(packs, plan, budget, reserve, min_gen)
         if j >= 0:
             return _Batch(self.plans + [plan], self.where + [j])
@@ -139,6 +159,25 @@ class Mixer:
         self.totals["batches"] += 1
         return packs
 
+    def _seg_fit(self, batch: "_Batch", cands: list[dict]) -> list[tuple[int, int]]:
+        """Per candidate with latents: ``(waste, pack)`` of its best pack as the batch stands, where ``waste`` is
+        the gen room that pack would keep that no combination of the OTHER buffered latent blocks can fill
+        (a subset-sum over their sizes); ``(huge, -1)`` when it fits no pack."""
+        packs = batch.usage(self.packs)
+        taken = {id(x) for x in batch.plans}
+        sizes = collections.Counter(x["n_gen"] for x in self.cands["seg"] if id(x) not in taken and x["n_gen"])
+        memo, out = {}, []
+        for c in cands:
+            best = (1 << 62, -1)
+            for j, p in enumerate(packs):
+                if p.fits(c, self.budget):
+                    free = self.budget.gen_tokens - p.gen - c["n_gen"]
+                    if (free, c["n_gen"]) not in memo:
+                        memo[free, c["n_gen"]] = free - _best_subset_sum(free, sizes, c["n_gen"])
+                    best = min(best, (memo[free, c["n_gen"]], j))
+            out.append(best)
+        return out
+
     def _und_per_gen(self) -> float:
         """Und tokens per latent token of the buffered segmentation samples (their und share, kept free)."""
         seg = self.cands["seg"]
@@ -161,20 +200,29 @@ class Mixer:
         for g in wanted:
             taken = {id(c) for c in batch.plans}
             cands = [c for c in self._candidates(g, 1 + sum(c["group"] == g for c in batch.plans)) if id(c) not in taken]
+            if g == "seg" and LOOK[0]:
+                fit = self._seg_fit(batch, cands)
+                order = sorted(range(len(cands)), key=lambda i: (not self._overdue(g, cands[i]), fit[i][0],
+                                                                  -cands[i]["n_gen"], i))
+                if fit[order[0]][1] >= 0:
+                    batch = batch.put(cands[order[0]], fit[order[0]][1])
+                    continue
             order = sorted(range(len(cands)), key=lambda i: (not self._overdue(g, cands[i]),
                                                               -(cands[i]["n_und"] + cands[i]["n_gen"]), i))
-            grown = None
-            for reserve in ((self._und_per_gen(), 0.0) if g != "seg" else (0.0,)):
-                for i in order:
-                    min_gen = min((c["n_gen"] for c in self.cands["seg"] if c is not cands[i]), default=0)
-                    grown = batch.add(cands[i], self.packs, self.budget, reserve, min_gen)
-                    if grown is not None:
-                        break
+            reserve = self._und_per_gen() if g != "seg" else 0.0
+            overdue = [i for i in order if self._overdue(g, cands[i])]
+            rest = [i for i in order if not self._overdue(g, cands[i])]
+            # overdue candidates anywhere first; then the others keeping und room for latents, then anywhere
+            attempts = [(i, 0.0) for i in overdue] + [(i, reserve) for i in rest] + \
+                ([(i, 0.0) for i in rest] if reserve else [])
+            for i, res in attempts:
+                min_gen = min((c["n_gen"] for c in self.cands["seg"] if c is not cands[i]), default=0)
+                grown = batch.add(cands[i], self.packs, self.budget, res, min_gen)
                 if grown is not None:
+                    batch = grown
                     break
-            if grown is None:
+            else:
                 return None
-            batch = grown
         return batch
 
     def _count(self, plan: dict) -> None:

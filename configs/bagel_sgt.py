@@ -179,6 +179,10 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     c.data.proxy_task = "segmentation"
     c.data.sources = _data_sources(variant)
     _data_pipeline(c, variant)  # -- data pipeline keys (sgt_jax/data pipeline, docs/data_pipeline.md) --
+    # ---- --mode prepare at pod scale (sgt_jax/data/prepare_shards.py) ----
+    # "": one process, or every process of a jax.distributed job its own slice; "i/n": shard i of n on
+    # separate machines (the last to finish merges); "merge": only merge the parts in --workdir.
+    c.prepare = ml_collections.ConfigDict(dict(shard=""))
 
     # ---- train / optim (sgt_jax/train) ----
     c.train = ml_collections.ConfigDict()

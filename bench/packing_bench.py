@@ -1,14 +1,19 @@
 """Packing efficiency (useful entries / static budget) for the default seg:VQA mix.
 
-Two parts:
+Three parts:
 1. ``tiny``: the real pipeline (configs/sgt_tiny.py, synthetic world) for N batches: efficiency per budget,
    realised ratios, host time per batch.
-2. ``7b``: the 7b budgets with simulated sample SIZES (no data needed): segmentation samples from SA-1B-like
+2. ``7b``: 7b budgets with simulated sample SIZES (no data needed): segmentation samples from SA-1B-like
    image sizes through the real SGT ViT/VAE transforms, VQA samples from LLaVA-OneVision-like image sizes
    (through the real VLM transform) and text lengths. Only the counts matter to the packer, so the real
    ``Mixer`` packs count-only plans. The size distributions are assumptions, stated below.
 
-    .venv/bin/python bench/packing_bench.py [--batches 50] [--out bench/results/packing.md]
+    PYTHONPATH=. .venv/bin/python bench/packing_bench.py [--batches 200] [--out bench/results/packing.md]
+
+The last line, ``7b token fill: F``, is the mean (und + gen) / (U + Z) of configs/bagel_sgt.py:7b's packs
+(budget and pack_buffer from the config) with 4 packs per process (one host of a v5p-16) and the 2:1 sample
+quota. A third part simulates the official trainer's packing rule on the same sizes (``official_packs``) and
+prints real tokens, segmentation and VQA samples per step side by side with ours.
 """
 
 from __future__ import annotations
@@ -209,10 +214,12 @@ def main():
               "| U / Z / P / L / NI | packs per process | quota | buffer | und | gen | tokens | vit | ce | "
               "seg/pack | vqa/pack | real tokens/pack | over budget (seg, vqa) | quota breaks | ms/batch |",
               "|" + "---|" * 15]
-    old = PackBudget(6144, 10240, 6144, 4096, 8)  # the 7b budget before this bench's rows
+    old = PackBudget(6144, 10240, 6144, 4096, 8)  # the 7b budget before the candidate buffer
+    volume = PackBudget(6656, 13824, 6144, 4096, 8)  # 20,480-token packs: closer to the official tokens per pack
     samples, tokens = {"mode": "samples", "seg": 2, "vqa": 1}, {"mode": "tokens", "seg": 2, "vqa": 1}
     rows = [(old, 4, samples, 1), (old, 4, samples, buffer7), (budget7, 1, samples, buffer7),
             (budget7, 4, samples, 16), (budget7, 8, samples, buffer7), (budget7, 4, tokens, buffer7),
+            (volume, 4, samples, buffer7),
             (budget7, 4, samples, buffer7)]  # the last row: the 7b config on one host of 4 chips (v5p-16)
     results = []
     for bud, packs, quota, buf in rows:

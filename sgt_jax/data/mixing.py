@@ -12,17 +12,17 @@ buffer of candidates (``config.data.pack_buffer`` per group, topped up from the 
 * ``mode="tokens"``: one sample at a time, from the group whose share of the batch's tokens (und + gen) is
   furthest below its target share; the batch is closed when none of that group's candidates fits.
 
-Choosing a member: the candidates of its group are tried overdue ones first (below), then largest (und + gen
-tokens) first, then oldest first; the first that fits is taken. "Fits" means that it goes into a pack as the
-batch stands (:func:`packing.place`: segmentation samples where the most latent room is left, unless that
-leaves latent room no buffered sample can use; VQA best fit on und tokens), or else that the whole batch
-packs anew with it (:func:`packing.pack_plans`, first-fit decreasing). A VQA sample is first tried only in
-packs that keep und room for the latents still free there (the und tokens per latent token of the buffered
-segmentation samples), so VQA does not lock latent room away from the segmentation samples of later groups.
-Deterministic (ties: lower index). Fairness: a candidate that has waited while ``4 · pack_buffer`` later
-samples of its group were read is OVERDUE and tried before all others, so no sample waits for ever and the
-stream is consumed close to its shuffled order. ``pack_buffer=1``: each member is the next sample of its
-stream.
+Choosing a member: a segmentation member is the candidate (and pack) that, as the batch stands, leaves the
+least latent room that no combination of the other buffered latent blocks could fill (a subset sum over their
+sizes), larger first on ties. Otherwise (VQA, or no segmentation candidate fits as the batch stands) the
+candidates are tried largest (und + gen tokens) first, then oldest first, and the first that fits is taken:
+into a pack as the batch stands (:func:`packing.place`), or else with the whole batch packed anew
+(:func:`packing.pack_plans`, first-fit decreasing). A VQA sample is first tried only in packs that keep und
+room for the latents still free there (the und tokens per latent token of the buffered segmentation samples),
+so VQA does not lock latent room away from the segmentation samples of later groups. Deterministic (ties: lower
+index). Fairness: a candidate that has waited while ``4 · pack_buffer`` later samples of its group were read is
+OVERDUE and tried before all others, so no sample waits for ever and the stream is consumed close to its
+shuffled order. ``pack_buffer=1``: each member is the next sample of its stream.
 
 Fit policy: nothing is ever dropped for not fitting a partly filled batch; it stays a candidate. A sample
 that cannot fit an EMPTY pack was already rejected as ``over_budget`` (plans.check_budget) and counted. The
@@ -45,7 +45,6 @@ from sgt_jax.data.records import BadSample
 
 GROUPS = ("seg", "vqa")
 MAX_CONSECUTIVE_SKIPS = 10_000  # a source that yields only bad samples is a configuration error, not data
-LOOK = [1]
 OVERDUE_FACTOR = 4  # a candidate is overdue after OVERDUE_FACTOR * buffer later reads of its group
 
 
@@ -193,14 +192,18 @@ class Mixer:
         return ["seg" if v == 0 or (s > 0 and ts * v <= tv * s) else "vqa"]
 
     def _choose(self, batch: "_Batch", wanted: list[str]) -> "_Batch | None":
-        """``batch`` plus one candidate per entry of ``wanted``, or None if no such choice fits. Each member is
-        the first candidate that fits (overdue ones first, then the largest in tokens, then the oldest): into
-        a pack as things stand (:func:`place`), or else with every plan of the batch packed anew
-        (:func:`pack_plans`)."""
+        """``batch`` plus one candidate per entry of ``wanted``, or None if no such choice fits (module doc).
+
+        A segmentation member is the candidate whose best pack as the batch stands keeps the least latent room
+        that the other buffered latent blocks cannot fill (:meth:`_seg_fit`; overdue first, then larger, then
+        older). Otherwise (VQA, or no segmentation candidate fits as things stand) the candidates are tried
+        overdue first, then largest in tokens, then oldest, VQA first only where und room for the pack's free
+        latents stays (``reserve``), and the first that goes into a pack (:func:`place`) or packs with the
+        whole batch anew (:func:`pack_plans`) is taken."""
         for g in wanted:
             taken = {id(c) for c in batch.plans}
             cands = [c for c in self._candidates(g, 1 + sum(c["group"] == g for c in batch.plans)) if id(c) not in taken]
-            if g == "seg" and LOOK[0]:
+            if g == "seg":  # the latent block that leaves the least unusable latent room, where it stands
                 fit = self._seg_fit(batch, cands)
                 order = sorted(range(len(cands)), key=lambda i: (not self._overdue(g, cands[i]), fit[i][0],
                                                                   -cands[i]["n_gen"], i))

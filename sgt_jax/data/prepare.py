@@ -63,8 +63,9 @@ def _convert_index(src, i: int, proxy_task: str):
 def prepare_family(src, out_dir: str, family: str, proxy_task: str, records_per_shard: int,
                    workers: int = 0, progress: bool = True, shard: tuple[int, int] = (0, 1)) -> dict:
     """Converts the records of ``src`` in this shard's blocks (sgt_jax/data/prepare_shards.py) into
-    ``<family>-<k>-of-<N>.array_record`` shards and returns ``{"n_blocks", "blocks": {k: {"written",
-    "counts"}}, "seconds", "source", ...}``; with ``shard=(0, 1)`` also the family report's fields."""
+    ``<family>-<k>-of-<N>.array_record`` shards. Returns the family report's fields over these blocks (read,
+    written, skipped, examples, shards, seconds; with ``shard=(0, 1)`` the whole family) plus ``n_blocks`` and
+    the per-block counts ``blocks`` {k: {"written", "counts"}} that the merge adds up."""
     os.makedirs(out_dir, exist_ok=True)
     n = len(src)
     n_blocks = prepare_shards.num_blocks(n, records_per_shard)
@@ -103,12 +104,10 @@ def prepare_family(src, out_dir: str, family: str, proxy_task: str, records_per_
         if pool is not None:
             pool.shutdown()
         bar.close()
-    part = {"source": src.name, "n_blocks": n_blocks, "blocks": blocks, "seconds": round(time.time() - t0, 3)}
-    if tuple(shard) == (0, 1):
-        part.update(prepare_shards.family_report(
-            src.name, "", n_blocks, {int(k): v for k, v in blocks.items()},
-            [shard_name(family, k, n_blocks) for k in range(n_blocks)], part["seconds"]))
-    return part
+    seconds = time.time() - t0
+    out = prepare_shards.family_summary(src.name, "", {int(k): v for k, v in blocks.items()},
+                                        [shard_name(family, k, n_blocks) for k in mine], seconds)
+    return dict(out, n_blocks=n_blocks, blocks=blocks)
 
 
 def _cache_latents(config, workdir: str, shard: tuple[int, int]):
@@ -160,10 +159,9 @@ def prepare(config, workdir: str, source: str | None = None) -> dict:
                                       "use an empty --workdir")
         fam = prepare_family(src, workdir, family, proxy_task, per_shard, workers, shard=shard)
         fam["kind"] = kind
-        part["families"][family] = {k: fam[k] for k in ("source", "kind", "n_blocks", "blocks", "seconds")}
-        written = sum(b["written"] for b in fam["blocks"].values())
-        log.info("prepare %s (shard %d/%d): wrote %d of %d blocks' records", family, index, count, written,
-                 len(fam["blocks"]))
+        part["families"][family] = fam  # this shard's counts (report-shaped) + the per-block counts to merge
+        log.info("prepare %s (shard %d/%d): read %d, wrote %d in %d shards", family, index, count, fam["read"],
+                 fam["written"], len(fam["blocks"]))
     if config.data.get("latents", "online") == "cached" or config.data.get("cache_latents", False):
         part["latents"] = _cache_latents(config, workdir, shard)
     prepare_shards.write_json(os.path.join(workdir, prepare_shards.part_name(shard)), part)

@@ -110,20 +110,25 @@ def gather_blocks(parts: list[dict], key) -> dict[int, dict]:
     return out
 
 
-def family_report(source: str, kind: str, n_blocks: int, blocks: dict[int, dict], shard_names: list[str],
-                  seconds: float) -> dict:
-    """The report of one family from its per-block counts (merged in block order, so the first examples of
-    each skip reason are those a single process meets first)."""
-    missing = [k for k in range(n_blocks) if k not in blocks]
-    if missing:
-        raise ValueError(f"prepare: blocks {missing[:10]} of {n_blocks} are missing from the parts")
+def family_summary(source: str, kind: str, blocks: dict[int, dict], shard_names: list[str], seconds: float) -> dict:
+    """Report fields of one family over ``blocks`` ({block: {"written", "counts"}}), merged in block order (so
+    the first examples of each skip reason are those a single process meets first)."""
     counter = SkipCounter(log_skips=False)
-    for k in range(n_blocks):
+    for k in sorted(blocks):
         counter.merge(blocks[k]["counts"])
     counts = counter.as_dict()
     return {"source": source, "kind": kind, "read": counts["seen"], "written": sum(b["written"] for b in blocks.values()),
             "skipped": counts["skipped"], "skipped_total": counter.total_skipped, "examples": counts["examples"],
             "shards": shard_names, "seconds": round(seconds, 3)}
+
+
+def family_report(source: str, kind: str, n_blocks: int, blocks: dict[int, dict], shard_names: list[str],
+                  seconds: float) -> dict:
+    """:func:`family_summary` over every block of the family (error if one is missing)."""
+    missing = [k for k in range(n_blocks) if k not in blocks]
+    if missing:
+        raise ValueError(f"prepare: blocks {missing[:10]} of {n_blocks} are missing from the parts")
+    return family_summary(source, kind, blocks, shard_names, seconds)
 
 
 def merge_reports(workdir: str) -> dict | None:

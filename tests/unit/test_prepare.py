@@ -163,7 +163,8 @@ def test_two_shards_then_merge_equal_one_process(tiny_config, raw_root, tmp_path
     cfg.prepare.shard = "0/2"
     part = prepare.prepare(cfg, str(two), str(raw_root))
     assert part["shard"] == [0, 2] and not (two / prepare.REPORT_NAME).exists()  # 1/2 has not run yet
-    assert sorted(part["families"]["seg"]["blocks"]) == ["0", "2"]
+    assert sorted(part["families"]["seg"]["blocks"]) == ["0", "2"]  # records 0-1 and 4 (s4 has no mask)
+    assert (part["families"]["seg"]["read"], part["families"]["seg"]["written"]) == (3, 2)  # this shard's counts
     cfg.prepare.shard = "1/2"
     prepare.prepare(cfg, str(two), str(raw_root))  # finds both parts: merges
     files_one, rep_one = _outputs(one)

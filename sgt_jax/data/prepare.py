@@ -165,10 +165,12 @@ def prepare(config, workdir: str, source: str | None = None) -> dict:
     if config.data.get("latents", "online") == "cached" or config.data.get("cache_latents", False):
         part["latents"] = _cache_latents(config, workdir, shard)
     prepare_shards.write_json(os.path.join(workdir, prepare_shards.part_name(shard)), part)
-    prepare_shards.barrier("sgt_prepare_parts_written")
-    # one process, or "i/n" (whoever finds every part merges), or jax.distributed: process 0 after the barrier
+    # one process, or "i/n" (whoever finds every part merges), or jax.distributed: process 0 after a barrier
+    if mode == "jax":
+        prepare_shards.barrier("sgt_prepare_parts_written")
     report = prepare_shards.merge_reports(workdir) if mode != "jax" or index == 0 else None
-    prepare_shards.barrier("sgt_prepare_merged")
+    if mode == "jax":
+        prepare_shards.barrier("sgt_prepare_merged")
     if report is None:
         log.info("prepare: shard %d/%d done; the last shard to finish (or --config.prepare.shard=merge) writes %s",
                  index, count, REPORT_NAME)

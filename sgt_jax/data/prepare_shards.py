@@ -158,10 +158,7 @@ def merge_reports(workdir: str) -> dict | None:
 
 
 def barrier(name: str) -> None:
-    """Waits for every ``jax.distributed`` process (no-op with one process)."""
-    import jax
+    """Waits for every ``jax.distributed`` process (call only under jax.distributed: it starts the backend)."""
+    from jax.experimental import multihost_utils
 
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+    multihost_utils.sync_global_devices(name)

@@ -11,8 +11,9 @@
    inside the tar; other members are ignored. A stem seen twice in one shard keeps its last member. The index (member offsets) is built once when
    the source is created by reading only the tar headers; reads then seek straight to the member data.
 
-The masks are used as they are (already rendered); a mask whose size differs from the image is bad data
-(``size_mismatch``), never bicubic-resized as in the reference.
+The masks are used as they are (already rendered). A mask whose size differs from the image (as displayed:
+EXIF orientation applied) is skipped as ``size_mismatch``, or resized nearest-neighbour with
+``config.data.mask_size_mismatch="resize_nearest"``; never bicubic-resized as in the reference.
 """
 
 from __future__ import annotations

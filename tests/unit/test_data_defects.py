@@ -3,6 +3,7 @@ JPEG with its mask, a short SA-1B RLE, an empty annotation list, the COCO panopt
 another size than its image, and prepare's exit status when a family writes nothing."""
 
 import io
+import itertools
 import json
 
 import numpy as np
@@ -95,21 +96,24 @@ def _rle(m):
 
 
 def _runs(m):
-    flat, runs, cur, run = m.flatten(order="F"), [], 0, 0
-    for v in flat:
-        if v == cur:
-            run += 1
-        else:
-            runs.append(run)
-            cur, run = v, 1
-    return runs + [run]
+    """COCO run lengths (column-major, starting with a run of zeros, possibly empty)."""
+    flat = m.flatten(order="F")
+    runs = [len(list(g)) for _, g in itertools.groupby(flat)]
+    return [0] + runs if flat[0] else runs
 
 
 def test_rle_runs_parses_pycocotools_strings():
     rng = np.random.default_rng(0)
     for _ in range(20):
         m = rng.random((23, 31)) < rng.uniform(0.05, 0.95)
-        assert rle_runs(_rle(m)["counts"].encode()) == _runs(m)
+        assert rle_runs(_rle(m)["counts"].encode()).tolist() == _runs(m)
+    # negative deltas and multi-character numbers (a 40x60 frame: runs over 31 need two characters)
+    m = np.zeros((40, 60), bool)
+    m[5:35, 10:50] = True
+    m[::7, ::3] = False
+    assert rle_runs(_rle(m)["counts"].encode()).tolist() == _runs(m)
+    enc = mask_utils.frPyObjects({"size": [1, 9], "counts": [3, 2, 1, 3]}, 1, 9)["counts"]
+    assert rle_runs(enc).tolist() == [3, 2, 1, 3]  # the third run is stored as -2 (1 - 3)
     with pytest.raises(ValueError, match="sum to 9"):
         check_rle([4, 5], 3, 4)
     with pytest.raises(ValueError, match="negative"):

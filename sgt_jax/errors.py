@@ -2,8 +2,8 @@
 
 ``python -m sgt_jax.main`` runs every mode through ``run_cli``. An exception of a ``USER_ERRORS`` type (a
 wrong flag or config value, a missing or malformed file) is printed as ``error: <message>`` (the message
-names the file or field and what is wrong) and the process exits with status 1. Any other exception is a
-bug in sgt_jax and keeps its full traceback. ``--debug`` (or ``SGT_DEBUG=1``) shows the traceback of user
+names the file or field and what is wrong) and the process exits with status 1. Any other exception, and
+a ValueError raised inside a library, is a bug in sgt_jax and keeps its full traceback. ``--debug`` (or ``SGT_DEBUG=1``) shows the traceback of user
 errors too. The table of inputs, messages and exit statuses: docs/errors.md.
 """
 
@@ -16,6 +16,7 @@ from typing import Callable
 from absl import flags
 
 EXIT_USER_ERROR = 1
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the Python traceback of an input error (also SGT_DEBUG=1); "
                            "without it an input error prints one line and exits with status 1.")
@@ -25,9 +26,24 @@ class InputError(ValueError):
     """A user's input (flag, config value, file) is wrong; the message says which and how."""
 
 
-# ValueError: wrong values (our checks raise it with a message naming the field); the OSErrors: paths.
+# ValueError: wrong values (our checks and config files raise it with a message naming the field); the
+# OSErrors: paths. A ValueError raised inside a third-party package (jax, orbax, ...) is not ours to word:
+# it is treated as a bug and keeps its traceback (``raised_by_a_library``).
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                PermissionError)
+
+
+def raised_by_a_library(err: BaseException) -> bool:
+    """True if ``err`` was raised in an installed package (site-packages), not by sgt_jax or a config file."""
+    tb = err.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    path = os.path.abspath(tb.tb_frame.f_code.co_filename)
+    if path.startswith(_PACKAGE_DIR):  # sgt_jax itself, also when installed into site-packages
+        return False
+    return any(part in ("site-packages", "dist-packages") for part in path.split(os.sep))
 
 
 def debug_requested() -> bool:
@@ -68,7 +84,7 @@ def run_cli(fn: Callable[[], object], argv: list[str] | None = None) -> None:
     try:
         fn()
     except USER_ERRORS as err:
-        if debug_requested():
+        if debug_requested() or (isinstance(err, ValueError) and raised_by_a_library(err)):
             raise
         print(f"error: {message(err)}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)

@@ -82,6 +82,12 @@ def test_run_cli_one_line_and_debug(capsys, monkeypatch):
     with pytest.raises(RuntimeError):  # not an input error: the traceback stays
         errors.run_cli(bug, argv=["prog"])
 
+    def library_bug():
+        np.reshape(np.zeros(3), (2, 2))  # a ValueError raised inside numpy: a bug of ours, not an input
+
+    with pytest.raises(ValueError, match="cannot reshape"):
+        errors.run_cli(library_bug, argv=["prog"])
+
 
 def test_message_lists_problems_on_one_line():
     err = ValueError("BAGEL folder /x does not match the model (7 problem(s)):\n  " +

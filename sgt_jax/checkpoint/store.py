@@ -283,7 +283,7 @@ def restore_latest_valid(manager: ocp.CheckpointManager, targets: dict[str, Any]
             return step, restore_step(manager, step, targets, with_data=with_data)
         except Exception as err:  # noqa: BLE001 - named in one line; --debug shows the chain
             raise DamagedCheckpointError(manager.directory, step, steps, err) from err
-    broken = []
+    broken, first_error = [], None
     for s in reversed(steps):
         try:
             restored = restore_step(manager, s, targets, with_data=with_data)
@@ -291,12 +291,16 @@ def restore_latest_valid(manager: ocp.CheckpointManager, targets: dict[str, Any]
             log.warning("checkpoint step %d in %s could not be restored (%s: %s); trying the previous one",
                         s, manager.directory, type(err).__name__, (str(err).splitlines() or [""])[0][:300])
             broken.append(s)
+            first_error = first_error or err
             continue
         if broken:
             move_aside(manager, broken, restored_step=s)
         return s, restored
     if steps:
-        raise RuntimeError(f"none of the checkpoints {steps} in {manager.directory} could be restored")
+        first = (str(first_error).splitlines() or [""])[0][:200]
+        raise ValueError(f"none of the checkpoints {steps} in {manager.directory} could be restored (newest: "
+                         f"{type(first_error).__name__}: {first}); nothing was moved. If the config changed, "
+                         "restore with the one they were written with; else start a new workdir")
     return None, None
 
 

@@ -185,6 +185,13 @@ def test_half_deleted_checkpoint_is_named(tmp_path):
     msg = errors.message(e.value)
     assert "\n" not in msg and "checkpoint step 2 in" in msg and "pass --step with an older one ([1])" in msg
     assert (tmp_path / "checkpoints" / "2").is_dir()  # an explicit --step moves nothing
+    for d in (tmp_path / "checkpoints" / "1" / "params").rglob("d"):  # now no step restores
+        shutil.rmtree(d)
+    manager = store.make_manager(str(tmp_path), keep=3)
+    with pytest.raises(ValueError, match=r"none of the checkpoints \[1, 2\] .* nothing was moved"):
+        store.restore_latest_valid(manager, {"params": {"w": sds}})
+    manager.close()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]  # maybe the config changed: keep all
     (tmp_path / "checkpoints" / "1" / "layout" / "metadata").unlink()
     with pytest.raises(store.DamagedCheckpointError, match="checkpoint step 1 in"):
         store.read_json_item(str(tmp_path), 1, "layout")

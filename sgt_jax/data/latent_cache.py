@@ -195,6 +195,7 @@ def _blocks(config, workdir: str, source, records_per_shard: int):
         raise FileNotFoundError(f"latent cache: no single set of prepared seg shards in {workdir!r}: {names[:5]}")
     n_blocks = totals.pop()
     proxy, seed = config.data.get("proxy_task", "segmentation"), int(config.data.seed)
+    mismatch = str(config.data.get("mask_size_mismatch", "skip"))  # the same samples as training reads
 
     def read(k):
         path = os.path.join(workdir, shard_name("seg", k, n_blocks))
@@ -207,7 +208,7 @@ def _blocks(config, workdir: str, source, records_per_shard: int):
         finally:
             reader.close()
 
-    return n_blocks, read, lambda raw: decode_canonical(unpack_record(raw), proxy, seed)
+    return n_blocks, read, lambda raw: decode_canonical(unpack_record(raw), proxy, seed, mismatch)
 
 
 def cache_latents(config, workdir: str, *, vae=None, source=None, out_dir: str | None = None,

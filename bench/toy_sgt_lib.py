@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from sgt_jax.data import plans, proxy_tasks, synthetic, templates
-from sgt_jax.data.packing import BatchLayout, PackUsage, assemble_batch, efficiency, first_fit
+from sgt_jax.data.packing import BatchLayout, assemble_batch, efficiency, pack_plans
 from sgt_jax.data.tokenizer import get_tokenizer
 from sgt_jax.data.transforms import Transforms, normalize
 
@@ -190,14 +190,12 @@ class FixedCountIterator:
         for j in range(self.n_gen):
             g = self.step * self.n_gen + j
             todo.append(self._gen_plan(self._index(2, g), g))
-        packs = [PackUsage() for _ in range(self.packs)]
-        for p in todo:
-            i = first_fit(packs, p, self.layout.budget)
-            if i < 0:
-                raise ValueError(f"toy_sgt: {self.n_vqa} VQA + {self.n_gen} {self.gen_task} samples do not fit "
-                                 f"{self.packs} pack(s) of {self.layout.budget} (sample {p['key']})")
-            packs[i].add(p)
-        batch = assemble_batch([pk.plans for pk in packs], self.layout)
+        where = pack_plans(todo, self.packs, self.layout.budget)
+        if where is None:
+            raise ValueError(f"toy_sgt: {self.n_vqa} VQA + {self.n_gen} {self.gen_task} samples of step {self.step} "
+                             f"do not fit {self.packs} pack(s) of {self.layout.budget}")
+        packs = [[p for p, j in zip(todo, where) if j == i] for i in range(self.packs)]
+        batch = assemble_batch(packs, self.layout)
         for k, v in efficiency(batch, self.layout.budget).items():
             self._eff[k] = self._eff.get(k, 0.0) + v
         self.step += 1

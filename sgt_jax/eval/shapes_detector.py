@@ -10,8 +10,8 @@ without a learned detector:
 3. a component's kind comes from its fill ratio (area / bounding-box area): a square fills ~1, a disc
    pi/4 ~ 0.785, an upward triangle ~0.5 (thresholds ``square_fill`` and ``circle_fill``).
 
-It is validated on real renders of the world (tests/unit/test_toy_eval.py: every shape of 300 held-out
-scenes found with the right colour and kind, and nothing else). On generated images it is only as good as
+It is validated on real renders of the world (tests/unit/test_toy_eval.py: every shape of 150 held-out
+scenes per size set found with the right colour and kind, and nothing else). On generated images it is only as good as
 the images are clean: a blurry or blended shape may be missed or misread, which the score then counts as a
 generation error.
 

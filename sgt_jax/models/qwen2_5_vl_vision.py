@@ -119,8 +119,7 @@ class VisionTower(nnx.Module):
         if bad:
             raise ValueError(f"vision fullatt_block_indexes {list(bad)} outside [0, depth={v.depth})")
         self.depth, self.head_dim, self.theta = int(v.depth), v.hidden_size // v.num_heads, float(v.rope_theta)
-        self.full = np.zeros(self.depth, bool)
-        self.full[list(v.fullatt_block_indexes)] = True
+        self.full = tuple(i in set(v.fullatt_block_indexes) for i in range(self.depth))  # static, not state
         self.patch_dims = (v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
         self.impl, self.chunk, self.remat_policy = attention_impl, int(attention_chunk), remat_policy
         kw = dict(dtype=dtype, param_dtype=param_dtype)

@@ -1,0 +1,104 @@
+"""Qwen2.5-VL model properties that need no PyTorch (tiny config, CPU): logical axis names on every
+parameter, padding / packing invariance, chunked == dense attention, unscanned == scanned, bf16 runs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sgt_jax.data import qwen_vl_plan as plan
+from sgt_jax.models import qwen2_5_vl as qvl
+from sgt_jax.parallel.sharding import variable_logical_names
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = qvl.config("tiny")
+    return cfg, qvl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(0))
+
+
+def _inputs(cfg, rng):
+    v = cfg.vision
+    grids = [(1, 4, 8), (1, 6, 4)]
+    ids = [1, 2, 3, cfg.tokens.vision_start] + [cfg.tokens.image] * 8 + [cfg.tokens.vision_end, 4, 5,
+                                                                      cfg.tokens.vision_start] + \
+        [cfg.tokens.image] * 6 + [cfg.tokens.vision_end, 6]
+    ids = np.asarray([ids])
+    pack = plan.vision_pack(grids, patch_size=v.patch_size, spatial_merge_size=v.spatial_merge_size,
+                            window_size=v.window_size, max_patches=64)
+    dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+    pv = rng.normal(size=(int(np.prod(grids, 1).sum()), dim)).astype(np.float32)
+    vision = qvl.VisionInputs(*(jnp.asarray(a)[None] for a in (plan.gather_patches(pv, pack["source"]),
+                                                               pack["image_id"], pack["window_id"], pack["pos_hw"])))
+    pos, _ = plan.mrope_positions(ids, grids, image_token_id=cfg.tokens.image, spatial_merge_size=2)
+    index = plan.vision_token_index(ids, pack["merged_index"], image_token_id=cfg.tokens.image)
+    return jnp.asarray(ids, jnp.int32), jnp.asarray(pos), vision, jnp.asarray(index)
+
+
+def test_every_parameter_has_logical_names(tiny):
+    _, model = tiny
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))
+    assert leaves
+    for var in leaves:
+        names = variable_logical_names(var)
+        assert names is not None and len(names) == var[...].ndim, (names, var[...].shape)
+
+
+def test_padding_and_a_second_document_do_not_change_the_first(tiny):
+    cfg, model = tiny
+    ids, pos, vision, index = _inputs(cfg, np.random.default_rng(0))
+    t = ids.shape[1]
+    _, h = model(ids, pos, vision=vision, vision_index=index)
+    # the same prompt, then a second (text) document and padding in the same row
+    extra = 7
+    ids2 = jnp.concatenate([ids, jnp.full((1, extra), 9, jnp.int32)], axis=1)
+    pos2 = jnp.concatenate([pos, jnp.broadcast_to(jnp.arange(extra, dtype=jnp.int32), (3, 1, extra))], axis=2)
+    doc = jnp.asarray([[0] * t + [1] * 4 + [-1] * 3], jnp.int32)
+    index2 = jnp.concatenate([index, jnp.full((1, extra), -1, jnp.int32)], axis=1)
+    _, h2 = model(ids2, pos2, doc, vision=vision, vision_index=index2)
+    np.testing.assert_allclose(np.asarray(h2[:, :t]), np.asarray(h), atol=1e-5, rtol=0)
+    assert np.isfinite(np.asarray(h2)).all()
+
+
+def test_chunked_and_unscanned_match_dense(tiny):
+    cfg, model = tiny
+    ids, pos, vision, index = _inputs(cfg, np.random.default_rng(1))
+    ref_logits, ref_h = model(ids, pos, vision=vision, vision_index=index)
+    params = nnx.state(model, nnx.Param)
+    for change in (dict(attention_impl="chunked", attention_chunk=8), dict(scan_layers=False, remat_policy="full")):
+        c = qvl.config("tiny")
+        c.update(change)
+        other = qvl.Qwen2_5_VL(c, rngs=nnx.Rngs(5))
+        nnx.update(other, params)
+        logits, h = other(ids, pos, vision=vision, vision_index=index)
+        np.testing.assert_allclose(np.asarray(h), np.asarray(ref_h), atol=2e-5, rtol=0, err_msg=str(change))
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=2e-5, rtol=0)
+
+
+def test_bf16_compute_runs_and_stays_close(tiny):
+    cfg, model = tiny
+    ids, pos, vision, index = _inputs(cfg, np.random.default_rng(2))
+    _, ref_h = model(ids, pos, vision=vision, vision_index=index)
+    c = qvl.config("tiny")
+    c.dtype = "bfloat16"
+    other = qvl.Qwen2_5_VL(c, rngs=nnx.Rngs(5))
+    nnx.update(other, nnx.state(model, nnx.Param))
+    logits, h = other(ids, pos, vision=vision, vision_index=index)
+    assert h.dtype == jnp.bfloat16 and logits.dtype == jnp.float32
+    assert nnx.state(other, nnx.Param)["language_model"]["norm"]["scale"][...].dtype == jnp.float32
+    err = np.abs(np.asarray(h, np.float32) - np.asarray(ref_h)).max() / np.abs(np.asarray(ref_h)).max()
+    assert err < 0.05, err
+
+
+def test_bad_config_and_inputs_are_named():
+    c = qvl.config("tiny")
+    c.vision.fullatt_block_indexes = (9,)
+    with pytest.raises(ValueError, match="fullatt_block_indexes"):
+        qvl.Qwen2_5_VL(c, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="mrope_section"):
+        qvl.mrope_cos_sin(jnp.zeros((3, 1, 2)), 16, 1e4, (2, 2, 2))
+    with pytest.raises(ValueError, match="image tokens"):
+        plan.vision_token_index(np.asarray([[1, 500]]), np.arange(3), image_token_id=500)
+    with pytest.raises(ValueError, match="vision pack holds"):
+        plan.vision_pack([(1, 4, 4)], patch_size=14, spatial_merge_size=2, window_size=56, max_patches=8)

@@ -168,7 +168,8 @@ def check_folder(fold: QwenFolder, base: ml_collections.ConfigDict | None = None
     if t.hidden_size % t.num_heads:
         problems.append(f"{CONFIG}: hidden_size {t.hidden_size} is not divisible by num_attention_heads {t.num_heads}")
     if sum(t.mrope_section) != t.head_dim // 2:
-        problems.append(f"{CONFIG}: mrope_section {list(t.mrope_section)} does not sum to head_dim/2 = {t.head_dim // 2}")
+        problems.append(f"{CONFIG}: mrope_section {list(t.mrope_section)} does not sum to "
+                        f"head_dim/2 = {t.head_dim // 2}")
     actual = {k: v.shape for k, v in fold.header.items()}
     for line in check_keys(expected_keys(cfg, layout, with_lm_head=LM_HEAD in actual), actual, "the safetensors"):
         if line.startswith("wrong shape"):  # "wrong shape in X: key is [..], expected [..]" -> config wording
@@ -201,7 +202,8 @@ def _mesh_and_rules(config, mesh, rules):
         from sgt_jax.configs_util import load_config
 
         config = load_config("configs/bagel_sgt.py:7b")
-    return (mesh if mesh is not None else make_mesh(config.mesh)), (rules if rules is not None else logical_rules(config))
+    mesh = mesh if mesh is not None else make_mesh(config.mesh)
+    return mesh, (rules if rules is not None else logical_rules(config))
 
 
 def import_qwen2_5_vl(folder: str, config: ml_collections.ConfigDict | None = None, mesh=None, rules=None,

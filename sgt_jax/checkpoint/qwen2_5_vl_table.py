@@ -2,12 +2,15 @@
 
 Two PyTorch key layouts exist (transformers ``Qwen2_5_VLForConditionalGeneration``):
 
-| part | ``legacy`` (saved by transformers < 4.52; the released Qwen2.5-VL-3B-Instruct and OmniGen2 ``mllm/``) | ``current`` (transformers >= 4.52 in memory, 5.x on disk) |
+| part | ``legacy`` | ``current`` |
 |---|---|---|
 | decoder | ``model.embed_tokens``, ``model.layers.{i}.*``, ``model.norm`` | ``model.language_model.*`` |
 | vision | ``visual.*`` | ``model.visual.*`` |
 | head | ``lm_head.weight`` (absent when tied) | ``lm_head.weight`` (absent when tied) |
 
+``legacy`` is what ``save_pretrained`` writes (checked with transformers 5.24, which maps its module tree
+back on save): the released Qwen2.5-VL-3B-Instruct and OmniGen2's ``mllm/``. ``current`` is the module
+tree of transformers >= 4.52, i.e. what ``model.state_dict()`` holds (a raw training checkpoint).
 The layout is detected from the tensor names and recorded, so export writes the keys the source had.
 Rows are ``table.Entry`` (reshape + transpose + stack): the same rows serve the in-memory converters,
 the sliced streaming import (``streaming.fill_from_table``) and the streamed export.

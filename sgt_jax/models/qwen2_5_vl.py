@@ -39,7 +39,7 @@ from jax.ad_checkpoint import checkpoint_name
 from sgt_jax.models import attention as attn_lib
 from sgt_jax.models.attention import TokenMeta
 from sgt_jax.models.layers import (Dense, Embed, RMSNorm, SwiGLU, apply_rope, canonical_dtype, constrain,
-                                   rope_inv_freq)
+                                   rope_inv_freq, stacked)
 from sgt_jax.models.qwen2_5_vl_vision import VisionTower
 from sgt_jax.models.remat import remat
 
@@ -134,12 +134,7 @@ class TextModel(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.embed_tokens = Embed(t.vocab_size, t.hidden_size, rngs=rngs, **kw)
 
-        @nnx.split_rngs(splits=self.num_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_layers(r):
-            return DecoderLayer(t, rngs=r, **kw)
-
-        self.layers = make_layers(rngs)
+        self.layers = stacked(self.num_layers, lambda r: DecoderLayer(t, rngs=r, **kw), rngs)
         self.norm = RMSNorm(t.hidden_size, t.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.lm_head = None if self.tied else Dense(t.hidden_size, t.vocab_size, ("embed", "vocab"), use_bias=False,
                                                     rngs=rngs, **kw)

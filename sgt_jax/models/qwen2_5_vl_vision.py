@@ -35,7 +35,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from sgt_jax.models import attention as attn_lib
 from sgt_jax.models.attention import TokenMeta
-from sgt_jax.models.layers import Dense, RMSNorm, canonical_dtype, constrain, rope_inv_freq
+from sgt_jax.models.layers import Dense, RMSNorm, constrain, rope_inv_freq, stacked
 from sgt_jax.models.remat import remat
 
 VISION_EPS = 1e-6  # fixed in the official code (not a config field)
@@ -126,14 +126,8 @@ class VisionTower(nnx.Module):
         self.patch_embed = Dense(self.patch_dims, v.hidden_size, ("vit_patch", None, None, None, "vit_embed"),
                                  use_bias=False, rngs=rngs, **kw)
 
-        @nnx.split_rngs(splits=self.depth)
-        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-        def make_blocks(r):
-            return VisionBlock(v, rngs=r, **kw)
-
-        self.blocks = make_blocks(rngs)
+        self.blocks = stacked(self.depth, lambda r: VisionBlock(v, rngs=r, **kw), rngs)
         self.merger = PatchMerger(v, rngs=rngs, **kw)
-        self.dtype = canonical_dtype(dtype)
 
     def __call__(self, patches, image_id, window_id, pos_hw):
         """patches [B, P, C·T·ps·ps] (window order, see qwen_vl_plan.vision_pack), image_id / window_id

@@ -21,27 +21,9 @@ from flax import nnx  # noqa: E402
 from sgt_jax.checkpoint import qwen2_5_vl_table as table  # noqa: E402
 from sgt_jax.data import qwen_vl_plan as plan  # noqa: E402
 from sgt_jax.models import qwen2_5_vl as qvl  # noqa: E402
+from tests.fixtures.qwen2_5_vl_folder import hf_config  # noqa: E402
 
 ATOL = 2e-5
-
-
-def hf_config(cfg):
-    t, v = cfg.text, cfg.vision
-    return transformers.Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-            num_hidden_layers=t.num_layers, num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads,
-            rms_norm_eps=t.rms_norm_eps,
-            rope_parameters=dict(rope_type="default", rope_theta=t.rope_theta, mrope_section=list(t.mrope_section))),
-        vision_config=dict(
-            depth=v.depth, hidden_size=v.hidden_size, num_heads=v.num_heads, intermediate_size=v.intermediate_size,
-            patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
-            spatial_merge_size=v.spatial_merge_size, window_size=v.window_size,
-            fullatt_block_indexes=list(v.fullatt_block_indexes), out_hidden_size=v.out_hidden_size,
-            in_channels=v.in_channels),
-        image_token_id=cfg.tokens.image, vision_start_token_id=cfg.tokens.vision_start,
-        vision_end_token_id=cfg.tokens.vision_end, tie_word_embeddings=t.tie_word_embeddings,
-        attn_implementation="eager")
 
 
 def build(tied: bool, impl: str = "dense", chunk: int = 512):

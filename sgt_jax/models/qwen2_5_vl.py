@@ -41,6 +41,7 @@ from sgt_jax.models.attention import TokenMeta
 from sgt_jax.models.layers import (Dense, Embed, RMSNorm, SwiGLU, apply_rope, canonical_dtype, constrain,
                                    rope_inv_freq, stacked)
 from sgt_jax.models.qwen2_5_vl_vision import VisionTower
+from sgt_jax.models.qwen2_mot import KVCache
 from sgt_jax.models.remat import remat
 
 
@@ -106,16 +107,23 @@ class DecoderLayer(nnx.Module):
         self.post_norm = RMSNorm(h, t.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.mlp = SwiGLU(h, t.intermediate_size, **kw)
 
-    def __call__(self, x, cos, sin, meta: TokenMeta, *, impl: str, chunk: int):
+    def __call__(self, x, cos, sin, meta: TokenMeta, cache=None, *, impl: str, chunk: int):
+        """``cache``: ``(k, v, meta)`` of earlier tokens of this layer (None: none); returns ``(x, (k, v))``
+        with the new tokens' post-RoPE keys and values."""
         h = self.input_norm(x)
         q = apply_rope(self.q_proj(h), cos, sin)
         k = apply_rope(self.k_proj(h), cos, sin)
         q, k, v = (checkpoint_name(constrain(a, ("batch", "seq", "act_heads", None)), "qkv")
                    for a in (q, k, self.v_proj(h)))
-        ctx = checkpoint_name(attn_lib.attention(q, k, v, meta, meta, impl=impl, chunk=chunk), "attn_out")
+        keys, vals, k_meta = k, v, meta
+        if cache is not None:
+            keys = jnp.concatenate([cache[0].astype(k.dtype), k], axis=1)
+            vals = jnp.concatenate([cache[1].astype(v.dtype), v], axis=1)
+            k_meta = cache[2].concat(meta)
+        ctx = checkpoint_name(attn_lib.attention(q, keys, vals, meta, k_meta, impl=impl, chunk=chunk), "attn_out")
         x = x + self.o_proj(ctx)
         x = x + self.mlp(self.post_norm(x))
-        return constrain(x, ("batch", "seq", "act_embed"))
+        return constrain(x, ("batch", "seq", "act_embed")), (k, v)
 
 
 class TextModel(nnx.Module):
@@ -148,30 +156,52 @@ class TextModel(nnx.Module):
         out = jnp.einsum(spec, h.astype(self.dtype), kernel, preferred_element_type=jnp.float32)
         return constrain(out, ("batch", "seq", "act_vocab")) if out.ndim == 3 else out
 
-    def __call__(self, x: jax.Array, positions: jax.Array, doc: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, doc: jax.Array, order: jax.Array | None = None, *,
+                 kv_cache: KVCache | None = None, return_kv: bool = False):
         """Embeddings ``x [B, T, H]``, M-RoPE ``positions [3, B, T]``, ``doc [B, T]`` (-1 pad) -> final-normed
-        hidden states ``[B, T, H]``. Tokens attend causally (by physical index) within their doc."""
+        hidden states ``[B, T, H]``. A token sees the tokens of its doc whose ``order`` is not larger
+        (default order: the physical index, i.e. causal).
+
+        Decoding (the ``KVCache`` of qwen2_mot.py): ``kv_cache.k/v [num_layers, B, S, Hkv, D]`` (post-RoPE,
+        compute dtype) with ``kv_cache.meta`` ``[B, S]`` (unused slots doc -1) are attended to as well; give
+        new tokens an ``order`` above every cached one and the positions that continue the prompt
+        (``mrope_positions``' delta + index). With ``return_kv`` the result is ``(h, KVCache of the new
+        tokens)``; the caller writes it into its cache."""
         b, t, _ = x.shape
         if positions.shape != (3, b, t) or doc.shape != (b, t):
             raise ValueError(f"positions {positions.shape} must be (3, {b}, {t}) and doc {doc.shape} ({b}, {t})")
-        order = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if order is None:
+            order = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         zeros = jnp.zeros((b, t), jnp.int32)
-        meta = TokenMeta(doc.astype(jnp.int32), zeros, zeros + attn_lib.CAUSAL, order)
+        meta = TokenMeta(doc.astype(jnp.int32), zeros, zeros + attn_lib.CAUSAL, order.astype(jnp.int32))
+        caches = None
+        if kv_cache is not None:
+            if kv_cache.k.shape[:2] != (self.num_layers, b) or kv_cache.meta.doc.shape != kv_cache.k.shape[1:3]:
+                raise ValueError(f"kv_cache k {kv_cache.k.shape} must be [{self.num_layers}, {b}, S, Hkv, D] with "
+                                 f"meta [B, S]; meta is {kv_cache.meta.doc.shape}")
+            caches = (kv_cache.k, kv_cache.v)
         cos, sin = mrope_cos_sin(positions, self.head_dim, self.theta, self.sections)
         x = constrain(x.astype(self.dtype), ("batch", "seq", "act_embed"))
         graphdef, state = nnx.split(self.layers)
         impl, chunk = self.impl, self.chunk
 
-        def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, cos, sin, meta, impl=impl, chunk=chunk), None
+        def body(h, xs):
+            layer_state, kv = xs
+            cache = None if kv is None else (kv[0], kv[1], kv_cache.meta)
+            h, new = nnx.merge(graphdef, layer_state)(h, cos, sin, meta, cache, impl=impl, chunk=chunk)
+            return h, (new if return_kv else None)
 
         body = remat(body, self.remat_policy)
         if self.scan_layers:
-            x, _ = jax.lax.scan(body, x, state)
+            x, kv = jax.lax.scan(body, x, (state, caches))
         else:
+            ys = []
             for i in range(self.num_layers):
-                x, _ = body(x, jax.tree.map(lambda a: a[i], state))
-        return self.norm(x)
+                x, y = body(x, jax.tree.map(lambda a: a[i], (state, caches)))
+                ys.append(y)
+            kv = jax.tree.map(lambda *a: jnp.stack(a), *ys) if return_kv else None
+        h = self.norm(x)
+        return (h, KVCache(kv[0], kv[1], meta)) if return_kv else h
 
 
 class Qwen2_5_VL(nnx.Module):
@@ -217,3 +247,13 @@ class Qwen2_5_VL(nnx.Module):
         only the labelled positions with ``logits``."""
         h = self.hidden_states(tokens, positions, doc, vision, vision_index)
         return self.logits(h), h
+
+    def step(self, tokens, positions, order, kv_cache: KVCache | None = None, doc=None,
+             vision: VisionInputs | None = None, vision_index=None):
+        """Prefill (``kv_cache`` None) or decode with a KV cache (see ``TextModel.__call__``): returns
+        ``(logits [B, T, V], hidden [B, T, H], KVCache of the new tokens)``."""
+        if doc is None:
+            doc = jnp.zeros(tokens.shape, jnp.int32)
+        h, kv = self.language_model(self.embed(tokens, vision, vision_index), positions, doc, order,
+                                    kv_cache=kv_cache, return_kv=True)
+        return self.logits(h), h, kv

@@ -102,3 +102,20 @@ def test_bad_config_and_inputs_are_named():
         plan.vision_token_index(np.asarray([[1, 500]]), np.arange(3), image_token_id=500)
     with pytest.raises(ValueError, match="vision pack holds"):
         plan.vision_pack([(1, 4, 4)], patch_size=14, spatial_merge_size=2, window_size=56, max_patches=8)
+
+
+def test_kv_cache_decode_matches_the_full_forward(tiny):
+    """Prefill a prompt with images, then feed the remaining tokens one at a time through the cache."""
+    cfg, model = tiny
+    ids, pos, vision, index = _inputs(cfg, np.random.default_rng(3))
+    t = ids.shape[1]
+    ref_logits, _ = model(ids, pos, vision=vision, vision_index=index)
+    t0 = t - 2  # the last two tokens (<|vision_end|>, text) are decoded one by one
+    order = jnp.arange(t, dtype=jnp.int32)[None]
+    logits, _, kv = model.step(ids[:, :t0], pos[:, :, :t0], order[:, :t0], vision=vision, vision_index=index[:, :t0])
+    outs = [logits]
+    for i in range(t0, t):
+        logits, _, new = model.step(ids[:, i:i + 1], pos[:, :, i:i + 1], order[:, i:i + 1], kv_cache=kv)
+        kv = jax.tree.map(lambda a, b: jnp.concatenate([a, b], axis=2 if a.ndim == 5 else 1), kv, new)
+        outs.append(logits)
+    np.testing.assert_allclose(np.asarray(jnp.concatenate(outs, axis=1)), np.asarray(ref_logits), atol=2e-5, rtol=0)

@@ -18,6 +18,9 @@ Images enter as a vision pack (``VisionInputs``, built by ``qwen_vl_plan.vision_
 tower's merged tokens (window order) replace the embeddings of the image-pad tokens through
 ``vision_index`` (the reverse window permutation folded into one gather; -1 = keep the text embedding).
 
+Decoding: ``step`` prefills or decodes with the ``KVCache`` of qwen2_mot.py (post-RoPE keys/values per
+layer + token metadata); the caller keeps the cache (static shapes: preallocated slots).
+
 Param tree: ``visual.*`` (see qwen2_5_vl_vision.py), ``language_model.embed_tokens.embedding``,
 ``language_model.layers.{input_norm,post_norm}.scale``, ``language_model.layers.{q,k,v}_proj.{kernel,bias}``
 (kernels ``(embed, heads, head_dim)``), ``language_model.layers.o_proj.kernel`` ``(heads, head_dim, embed)``,

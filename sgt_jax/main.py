@@ -16,11 +16,12 @@ Modes (each lives in its own module; this file only parses flags and dispatches)
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from sgt_jax.mode_args import ModeArgs
 
 MODES = {
     "train": ("sgt_jax.train.loop", "run"),
@@ -50,20 +51,6 @@ _INPUT = flags.DEFINE_string("input", None, "A JSONL file of requests (understan
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to load (default: latest).")
 _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "Which weights to load or export from a "
                              "training checkpoint: the EMA copy (default) or the raw parameters.")
-
-
-@dataclasses.dataclass(frozen=True)
-class ModeArgs:
-    """The non-config flags, handed to every mode's ``run`` function."""
-
-    workdir: str
-    source: str | None = None
-    dest: str | None = None
-    prompt: str | None = None
-    images: tuple[str, ...] = ()
-    input: str | None = None
-    step: int | None = None
-    weights: str = "ema"
 
 
 def main(argv):

@@ -25,6 +25,7 @@ import numpy as np
 
 from sgt_jax import parallel
 from sgt_jax.checkpoint import store
+from sgt_jax.mode_args import ModeArgs
 from sgt_jax.train import checkpointing, metrics as metrics_lib
 from sgt_jax.train import state as state_lib
 from sgt_jax.train import step as step_lib
@@ -294,7 +295,6 @@ def _check_export_at_end(config) -> None:
 def _export(config, workdir: str, step: int) -> None:
     """Write the EMA or raw weights of the final checkpoint as a BAGEL PyTorch folder."""
     from sgt_jax.checkpoint import convert
-    from sgt_jax.main import ModeArgs
 
     dest = str(config.checkpoint.get("export_dir", "") or "") or os.path.join(workdir, "export")
     # export_at_end was validated by _check_export_at_end before step 0

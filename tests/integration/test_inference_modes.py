@@ -32,7 +32,7 @@ def workdir(tmp_path_factory):
 
 
 def _args(workdir, **kw):
-    from sgt_jax.main import ModeArgs
+    from sgt_jax.mode_args import ModeArgs
 
     return ModeArgs(workdir=workdir, **kw)
 

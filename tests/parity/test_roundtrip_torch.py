@@ -25,7 +25,7 @@ from flax import nnx  # noqa: E402
 from sgt_jax.checkpoint import convert, store  # noqa: E402
 from sgt_jax.checkpoint.table import flatten_paths  # noqa: E402
 from sgt_jax.configs_util import load_config  # noqa: E402
-from sgt_jax.main import ModeArgs  # noqa: E402
+from sgt_jax.mode_args import ModeArgs  # noqa: E402
 from tests.fixtures.bagel_folder import ema_key_shapes, flux_ae_key_shapes, write_bagel_folder  # noqa: E402
 from tests.parity.torch_models import random_diffusers_vae  # noqa: E402
 

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from sgt_jax.checkpoint import convert, folder as folder_lib, safetensors_io, store
 from sgt_jax.checkpoint.table import ConversionError
 from sgt_jax.configs_util import load_config
-from sgt_jax.main import ModeArgs
+from sgt_jax.mode_args import ModeArgs
 from tests.fixtures.bagel_folder import (BF16, ema_key_shapes, flux_ae_key_shapes, sincos_bf16, write_bagel_folder,
                                          write_random)
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from sgt_jax.data import prepare, sources
-from sgt_jax.main import ModeArgs
+from sgt_jax.mode_args import ModeArgs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -28,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
+
+from sgt_jax.models.groups import group_of
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +93,6 @@ def _key_name(k) -> str:
 
 def _strip_variables(tree: Any) -> Any:
     """Replace Flax Variables by their values (so paths do not carry Variable internals)."""
-    try:
-        from flax import nnx
-    except ImportError:  # pragma: no cover
-        return tree
     return jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, tree,
                         is_leaf=lambda v: isinstance(v, nnx.Variable))
 
@@ -142,10 +141,6 @@ def from_nested(nested: dict, like: Any) -> Any:
 
 
 def _is_variable(x) -> bool:
-    try:
-        from flax import nnx
-    except ImportError:  # pragma: no cover
-        return False
     return isinstance(x, nnx.Variable)
 
 
@@ -343,9 +338,7 @@ def _missing_groups(abstract_params: dict, layout: dict) -> list[str]:
 
 
 def split_pure(tree: dict, frozen: set[str], path=()) -> tuple[dict, dict]:
-    """Split a pure parameter dict into (trainable, frozen) by freeze group (sgt_jax/train/freeze.py)."""
-    from sgt_jax.train.freeze import group_of  # path -> freeze group (the split the checkpoint used)
-
+    """Split a pure parameter dict into (trainable, frozen) by parameter group (sgt_jax/models/groups.py)."""
     train, fro = {}, {}
     for k, v in tree.items():
         p = path + (str(k),)

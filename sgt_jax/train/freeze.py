@@ -18,32 +18,9 @@ An unclassified parameter path is an error, so a renamed module cannot silently 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from flax import nnx
 
-GROUPS = ("vit", "connector", "und", "gen", "embeddings", "lm_head", "vae")
-
-
-def group_of(path: Sequence[str]) -> str:
-    """The freeze group of a parameter path (tuple of names, e.g. ('llm', 'layers', 'und', ...))."""
-    p = tuple(str(x) for x in path)
-    head = p[0] if p else ""
-    if head in ("vit", "connector", "vae"):
-        return head
-    if head in ("vae2llm", "llm2vae", "time_embedder"):
-        return "gen"
-    if head == "llm" and len(p) > 1:
-        sub = p[1]
-        if sub == "layers" and len(p) > 2 and p[2] in ("und", "gen"):
-            return p[2]
-        if sub == "norm":
-            return "und"
-        if sub == "norm_gen":
-            return "gen"
-        if sub == "embed_tokens":
-            return "embeddings"
-        if sub == "lm_head":
-            return "lm_head"
-    raise ValueError(f"parameter {'/'.join(p)} belongs to no freeze group; update sgt_jax/train/freeze.py")
+from sgt_jax.models.groups import GROUPS, group_of
 
 
 def frozen_groups(config) -> frozenset[str]:
@@ -65,8 +42,6 @@ def path_names(path) -> tuple[str, ...]:
 
 def make_filters(config):
     """``(trainable_filter, frozen_filter)`` nnx filters (callables ``(path, value) -> bool``)."""
-    from flax import nnx
-
     frozen = frozen_groups(config)
 
     def is_frozen(path, value):

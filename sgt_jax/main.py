@@ -7,7 +7,7 @@ Modes (each lives in its own module; this file only parses flags and dispatches)
   import      BAGEL PyTorch folder -> sharded Orbax checkpoint         sgt_jax/checkpoint/convert.py
   export      Orbax checkpoint -> BAGEL PyTorch folder                 sgt_jax/checkpoint/convert.py
   compile     AOT-compile the train step for a TPU topology (no TPU)   sgt_jax/compile.py
-  prepare     raw data -> ArrayRecord shards (+ cached VAE latents)    sgt_jax/data/prepare.py
+  prepare     raw data -> ArrayRecord shards (+ cached VAE latents)    sgt_jax/train/prepare_latents.py
   understand  image(s) + question -> answer                            sgt_jax/sampling/cli.py
   generate    text (+ image) -> image                                  sgt_jax/sampling/cli.py
   segment     segmentation by generation, with mIoU                    sgt_jax/eval/cli.py
@@ -28,7 +28,7 @@ MODES = {
     "import": ("sgt_jax.checkpoint.convert", "run_import"),
     "export": ("sgt_jax.checkpoint.convert", "run_export"),
     "compile": ("sgt_jax.compile", "run"),
-    "prepare": ("sgt_jax.data.prepare", "run"),
+    "prepare": ("sgt_jax.train.prepare_latents", "run"),
     "understand": ("sgt_jax.sampling.cli", "run_understand"),
     "generate": ("sgt_jax.sampling.cli", "run_generate"),
     "segment": ("sgt_jax.eval.cli", "run_segment"),

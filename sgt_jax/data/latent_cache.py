@@ -28,9 +28,12 @@ import os
 
 import msgpack
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from sgt_jax.data.bad_data import SkipCounter
 from sgt_jax.data.plans import vae_target
 from sgt_jax.data.records import BadSample
+from sgt_jax.data.sources import PreparedSource
 from sgt_jax.data.transforms import Transforms, latent_grid, normalize
 
 log = logging.getLogger(__name__)
@@ -73,8 +76,6 @@ class LatentCache:
         return d
 
     def _read(self, shard: int, row: int) -> dict:
-        from array_record.python.array_record_module import ArrayRecordReader
-
         if shard not in self._readers:
             self._readers[shard] = ArrayRecordReader(self.shards[shard], "readahead_buffer_size:0")
         return msgpack.unpackb(self._readers[shard].read([row])[0], raw=False)
@@ -104,70 +105,18 @@ class LatentCache:
         return plan
 
 
-def make_encoder(vae, latent_patch_size: int):
-    """jit-compiled ``images [B,H,W,3] in [-1,1] -> (mean, logvar)`` patchified to [B, h·w, p·p·zc]."""
-    import jax
-    from flax import nnx
-
-    from sgt_jax.models.flux_vae import patchify_latent
-
-    graphdef, state = nnx.split(vae)
-
-    @jax.jit
-    def encode(st, x):
-        mean, logvar = nnx.merge(graphdef, st).encode_stats(x)
-        return patchify_latent(mean, latent_patch_size), patchify_latent(logvar, latent_patch_size)
-
-    return lambda x: tuple(np.asarray(a) for a in encode(state, x))
-
-
-def load_vae(config):
-    """The frozen FLUX VAE with weights from ``config.checkpoint.init_from`` (a BAGEL folder: ae.safetensors).
-
-    Built abstractly (``nnx.eval_shape``) and filled from the file, so no random init runs."""
-    import jax.numpy as jnp
-    from flax import nnx
-    from safetensors import safe_open
-
-    from sgt_jax.checkpoint.convert import vae_state_dict_to_params
-    from sgt_jax.models.flux_vae import FluxVAE
-
-    folder = config.checkpoint.get("init_from", "")
-    path = os.path.join(folder, "ae.safetensors")
-    if not folder or not os.path.exists(path):
-        raise FileNotFoundError(f"caching latents needs the VAE weights: {path!r} not found (set "
-                                "config.checkpoint.init_from to a BAGEL checkpoint folder)")
-    with safe_open(path, framework="flax") as f:  # flax: bf16 files load too (numpy has no bfloat16)
-        sd = {k: np.asarray(f.get_tensor(k).astype(jnp.float32)) for k in f.keys()}
-    params = vae_state_dict_to_params(sd, config.model.vae)
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: FluxVAE(config.model.vae, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    nnx.replace_by_pure_dict(state, _tree_map(jnp.asarray, params))
-    return nnx.merge(graphdef, state)
-
-
-def _tree_map(fn, tree):
-    import jax
-
-    return jax.tree.map(fn, tree)
-
-
-def cache_latents(config, workdir: str, *, vae=None, source=None, out_dir: str | None = None,
+def cache_latents(config, workdir: str, *, encode, source=None, out_dir: str | None = None,
                   batch_size: int = 8, records_per_shard: int = 4096) -> dict:
     """Encodes every segmentation-family target of ``source`` (default: the prepared seg shards in
-    ``workdir``) and writes the cache to ``out_dir`` (default ``workdir``). Returns a report dict.
+    ``workdir``) with ``encode`` and writes the cache to ``out_dir`` (default ``workdir``). Returns a report.
+
+    ``encode``: ``images [B,H,W,3] in [-1,1] -> (mean, logvar)`` as numpy, patchified to [B, h·w, p·p·zc]
+    (``sgt_jax.models.flux_vae.make_stats_encoder``; the prepare mode builds it, sgt_jax/train/latents.py).
 
     Images of equal size are encoded together, ``batch_size`` at a time. Bad samples are skipped and counted.
     Single process: run it on one host (it reads everything once).
     """
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    from sgt_jax.data.bad_data import SkipCounter
-
     if source is None:
-        from sgt_jax.data.sources import PreparedSource
-
         source = PreparedSource(workdir, "seg", proxy_task=config.data.get("proxy_task", "segmentation"),
                                 seed=int(config.data.seed))
     out_dir = out_dir or workdir
@@ -176,7 +125,6 @@ def cache_latents(config, workdir: str, *, vae=None, source=None, out_dir: str |
         if os.path.exists(stale):
             raise FileExistsError(f"latent cache {stale!r} exists; remove it or use another folder")
     tfm = Transforms.from_config(config)
-    encode = make_encoder(vae if vae is not None else load_vae(config), int(config.model.latent_patch_size))
     latent_dim = int(config.model.latent_patch_size) ** 2 * int(config.model.vae.z_channels)
     counter = SkipCounter()
     keys, shards, pending = {}, [], []

@@ -35,6 +35,7 @@ from sgt_jax.data import plans, records, templates
 from sgt_jax.data.mixing import GROUPS, Mixer
 from sgt_jax.data.packing import BatchLayout, assemble_batch, efficiency
 from sgt_jax.data.bad_data import SkipCounter
+from sgt_jax.data.latent_cache import LatentCache
 from sgt_jax.data.records import BadSample
 from sgt_jax.data.tokenizer import get_tokenizer
 from sgt_jax.data.transforms import Transforms
@@ -61,8 +62,6 @@ class PlanFn:
             if not config.data.latent_cache:
                 raise ValueError("config.data.latents='cached' needs config.data.latent_cache (the folder written "
                                  "by --mode prepare); use latents='online' to encode in the step instead")
-            from sgt_jax.data.latent_cache import LatentCache
-
             self.latents = LatentCache(config.data.latent_cache, config)  # checks the index now, reads lazily
 
     def __call__(self, position: int, raw) -> dict:

@@ -14,8 +14,8 @@
   them with ``--config.data.sources.seg.kind=prepared --config.data.sources.seg.root=<workdir>`` (same for vqa).
 * ``config.data.sources.prepare_workers`` > 0 decodes in that many threads (order is kept; Pillow's JPEG/PNG
   codecs and zlib release the GIL, so threads scale on the image work without process start-up cost).
-* If ``config.data.latents == "cached"``, ``sgt_jax.data.latent_cache.cache_latents(config, workdir)``
-  (sgt_jax/data/latent_cache.py) then stores the targets' VAE posterior statistics.
+* If ``config.data.latents == "cached"``, the mode (sgt_jax/train/prepare_latents.py, which runs this
+  module first) then stores the targets' VAE posterior statistics (sgt_jax/data/latent_cache.py).
 """
 
 from __future__ import annotations
@@ -90,22 +90,6 @@ def prepare_family(src, out_dir: str, family: str, proxy_task: str, records_per_
             "shards": [os.path.basename(s) for s in shards], "seconds": round(time.time() - t0, 3)}
 
 
-def _cache_latents(config, workdir: str):
-    """Calls engineer D2's latent cache builder on the freshly written shards."""
-    try:
-        from sgt_jax.data.latent_cache import cache_latents
-    except ImportError as err:
-        raise RuntimeError("config.data.latents == 'cached' but sgt_jax.data.latent_cache.cache_latents is not "
-                           f"available ({err}); prepare with --config.data.latents=online to skip latents") from None
-    return cache_latents(config, workdir)
-
-
-def run(config, args) -> None:
-    """The CLI entry (sgt_jax/main.py): ``args.workdir`` and ``args.source`` (ModeArgs). Returns None (absl
-    would print and exit 1 on a returned value)."""
-    prepare(config, args.workdir, args.source)
-
-
 def prepare(config, workdir: str, source: str | None = None) -> dict:
     """The prepare mode (see module doc). Returns the report it writes to ``<workdir>/prepare_report.json``."""
     os.makedirs(workdir, exist_ok=True)
@@ -129,8 +113,10 @@ def prepare(config, workdir: str, source: str | None = None) -> dict:
         report["families"][family] = fam
         log.info("prepare %s: read %d, wrote %d, skipped %s", family, fam["read"], fam["written"],
                  {r: n for r, n in fam["skipped"].items() if n})
-    if config.data.get("latents", "online") == "cached" or config.data.get("cache_latents", False):
-        report["latents"] = _cache_latents(config, workdir)
+    write_report(workdir, report)
+    return report
+
+
+def write_report(workdir: str, report: dict) -> None:
     with open(os.path.join(workdir, REPORT_NAME), "w", encoding="utf-8") as f:
         json.dump(report, f, indent=2, default=str)
-    return report

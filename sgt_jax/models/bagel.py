@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from sgt_jax.models.attention import TokenMeta
 from sgt_jax.models.flux_vae import FluxVAE
@@ -22,6 +23,8 @@ from sgt_jax.models.layers import Dense, canonical_dtype, constrain, gelu_tanh, 
 from sgt_jax.models.posemb import TimestepEmbedder, sincos_2d
 from sgt_jax.models.qwen2_mot import Qwen2MoT
 from sgt_jax.models.siglip_navit import SiglipNaViT
+from sgt_jax.parallel.mesh import Rules
+from sgt_jax.parallel.sharding import abstract_with_shardings, state_shardings
 
 KIND_PAD, KIND_TEXT, KIND_VIT, KIND_LATENT = 0, 1, 2, 3
 
@@ -125,12 +128,19 @@ class Bagel(nnx.Module):
 # ---- abstract (never allocating) helpers ----
 def abstract_bagel(model_cfg, *, with_vae: bool = True) -> Bagel:
     """A ``Bagel`` whose parameters are ``ShapeDtypeStruct``s (``nnx.eval_shape``): no memory allocated."""
-    return nnx.eval_shape(lambda: Bagel(model_cfg, rngs=nnx.Rngs(0), with_vae=with_vae))
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: Bagel(model_cfg, rngs=nnx.Rngs(0), with_vae=with_vae))
 
 
-def abstract_params(model_cfg, *, with_vae: bool = True) -> dict:
-    """Nested dict of ``ShapeDtypeStruct`` matching ``nnx.state(model, nnx.Param).to_pure_dict()``."""
-    return nnx.state(abstract_bagel(model_cfg, with_vae=with_vae), nnx.Param).to_pure_dict()
+def abstract_params(model_cfg, *, with_vae: bool = True, mesh: Mesh | None = None, rules: Rules = ()) -> dict:
+    """Nested dict of ``ShapeDtypeStruct`` matching ``nnx.state(model, nnx.Param).to_pure_dict()``.
+
+    Given a ``mesh`` (and the logical ``rules``), every leaf carries the NamedSharding its logical axis names
+    map to: the target of a sharded restore, import or AOT compile. Allocates nothing."""
+    params = nnx.state(abstract_bagel(model_cfg, with_vae=with_vae), nnx.Param)
+    if mesh is None:
+        return params.to_pure_dict()
+    return abstract_with_shardings(params.to_pure_dict(), state_shardings(params, mesh, rules).to_pure_dict())
 
 
 def count_params(tree) -> int:

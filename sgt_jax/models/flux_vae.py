@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from sgt_jax.models.layers import canonical_dtype
@@ -277,3 +278,16 @@ def unpatchify_latent(x, h: int, w: int, p: int):
     c = d // (p * p)
     x = x.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h * p, w * p, c)
+
+
+def make_stats_encoder(vae: FluxVAE, latent_patch_size: int):
+    """jit-compiled ``images [B,H,W,3] in [-1,1] -> (mean, logvar)`` as numpy, patchified to [B, h·w, p·p·zc]
+    (what the latent cache stores, sgt_jax/data/latent_cache.py)."""
+    graphdef, state = nnx.split(vae)
+
+    @jax.jit
+    def encode(st, x):
+        mean, logvar = nnx.merge(graphdef, st).encode_stats(x)
+        return patchify_latent(mean, latent_patch_size), patchify_latent(logvar, latent_patch_size)
+
+    return lambda x: tuple(np.asarray(a) for a in encode(state, x))

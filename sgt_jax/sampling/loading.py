@@ -20,23 +20,15 @@ import jax
 from flax import nnx
 
 from sgt_jax.checkpoint import store
+from sgt_jax.models.bagel import abstract_bagel, abstract_params
+from sgt_jax.parallel.mesh import logical_rules, make_mesh
 
 
 def abstract_model_and_params(config):
     """(abstract Bagel, pure-dict of ShapeDtypeStructs with shardings, mesh)."""
-    from sgt_jax.models.bagel import Bagel
-    from sgt_jax.parallel.mesh import logical_rules, make_mesh
-    from sgt_jax.parallel.sharding import state_shardings
-
     mesh = make_mesh(config.mesh)
-    rules = logical_rules(config)
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: Bagel(config.model, rngs=nnx.Rngs(0)))
-    params = nnx.state(abstract, nnx.Param)
-    shardings = state_shardings(params, mesh, rules).to_pure_dict()
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          params.to_pure_dict(), shardings)
-    return abstract, target, mesh
+    target = abstract_params(config.model, mesh=mesh, rules=logical_rules(config))
+    return abstract_bagel(config.model), target, mesh
 
 
 def random_params(config, seed: int = 0, std: float = 0.05) -> dict:

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sgt_jax.data import prepare, sources
+from sgt_jax.data import latent_cache, prepare, sources
 from sgt_jax.mode_args import ModeArgs
+from sgt_jax.train import prepare_latents
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -64,7 +65,7 @@ def _config(tiny_config):
 def test_prepare_report_and_readback(tiny_config, raw_root, tmp_path):
     cfg = _config(tiny_config)
     out = tmp_path / "prep"
-    prepare.run(cfg, ModeArgs(workdir=str(out), source=str(raw_root)))
+    prepare_latents.run(cfg, ModeArgs(workdir=str(out), source=str(raw_root)))
     rep = json.loads((out / prepare.REPORT_NAME).read_text())
     seg, vqa = rep["families"]["seg"], rep["families"]["vqa"]
     assert (seg["read"], seg["written"], seg["skipped_total"]) == (5, 3, 2)
@@ -118,19 +119,21 @@ def test_prepare_cli(tmp_path):
 
 
 def test_prepare_calls_latent_cache_when_cached(tiny_config, tmp_path, monkeypatch):
-    """latents == "cached": prepare hands the fresh shards to D2's cache_latents(config, workdir)."""
-    latent_cache = pytest.importorskip("sgt_jax.data.latent_cache")
+    """latents == "cached": the prepare mode hands the fresh shards and the VAE's encoder to cache_latents."""
     calls = []
 
-    def fake(config, workdir):
+    def fake(config, workdir, *, encode):
         calls.append(sorted(f for f in os.listdir(workdir) if f.endswith(".array_record")))
+        assert encode == "encoder of the VAE"
         return {"written": 3}
 
     monkeypatch.setattr(latent_cache, "cache_latents", fake)
+    monkeypatch.setattr(prepare_latents, "load_vae", lambda folder, cfg_vae: "VAE")
+    monkeypatch.setattr(prepare_latents, "make_stats_encoder", lambda vae, p: f"encoder of the {vae}")
     cfg = tiny_config
     cfg.data.sources.synthetic.num_samples = 3
     cfg.data.sources.vqa.kind = "none"
     cfg.data.latents = "cached"
-    rep = prepare.prepare(cfg, str(tmp_path / "p"))
+    rep = prepare_latents.prepare_all(cfg, str(tmp_path / "p"))
     assert calls == [["seg-00000-of-00001.array_record"]] and rep["latents"] == {"written": 3}
     assert json.loads((tmp_path / "p" / prepare.REPORT_NAME).read_text())["latents"] == {"written": 3}

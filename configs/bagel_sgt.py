@@ -189,8 +189,9 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     c.train.ema_dtype = "float32"  # or "bfloat16" (halves EMA memory)
     c.train.ema_offload = False  # keep the EMA in pinned_host memory (error if the backend has none)
     c.train.max_consecutive_nonfinite = 5  # NaN/Inf loss or grad: update skipped; abort after this many in a row
-    c.train.log_every = 1
     c.train.tensorboard = True
+    # Per-device peak FLOP/s for the MFU column (0: the TPU chip's bf16 peak from its device kind; none on CPU).
+    c.train.peak_flops = 0.0
     # Freezing (SGT default: everything trains except the VAE, which is always frozen).
     c.train.freeze = ml_collections.ConfigDict(
         dict(vit=False, connector=False, und=False, gen=False, embeddings=False, lm_head=False))

@@ -329,9 +329,9 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
               "num_slices": num_slices, "num_devices": n, "hosts": spec.hosts * num_slices,
               "chip": spec.chip.name, "chip_peak_bf16_flops": spec.chip.peak_bf16_flops,
               "mesh": dict(mesh.shape), "packs_per_step": packs, "tokens_per_pack": budgets.tokens,
-              "tokens_per_chip": packs * budgets.tokens / n, "variant": config.get("variant", ""),
+              "tokens_per_chip": packs * budgets.tokens / n, "variant": config.variant,
               "pack_budgets": dataclasses.asdict(budgets), "remat_policy": str(config.model.remat_policy),
-              "ema_dtype": str(config.train.get("ema_dtype", "")), "latents": str(config.data.get("latents", ""))}
+              "ema_dtype": str(config.train.ema_dtype), "latents": str(config.data.latents)}
     report.update(compile_and_analyse(jitted, args, hbm_bytes=spec.chip.hbm_bytes, progress=progress))
     progress("counting the traced program's FLOPs")
     from sgt_jax.train.freeze import flops_frozen_modules  # noqa: PLC0415
@@ -349,7 +349,7 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
                    "traced_flops": traced, "traced_over_analytic": traced / analytic.total,
                    "traced_over_analytic_plus_remat": traced / (analytic.total + analytic.remat_recompute_flops()),
                    "skippable_flops": skippable, "trace_s": time.time() - t0})
-    live = float(config.compile.get("attention_live_fraction", 0.0))
+    live = float(config.compile.attention_live_fraction)
     if not 0.0 <= live <= 1.0:
         raise ValueError(f"config.compile.attention_live_fraction must be in [0, 1] (0: not given), got {live}")
     if live:  # executed = bound minus the dead blocks' share of the skippable part
@@ -363,8 +363,8 @@ def _apply_compile_overrides(config):
     """``compile.packs_per_chip`` > 0 sets the global packs per step to packs_per_chip x chips."""
     c = config.compile
     spec = parse_topology(c.topology)
-    num_slices = int(c.get("num_slices", 1))
-    packs_per_chip = int(c.get("packs_per_chip", 0))
+    num_slices = int(c.num_slices)
+    packs_per_chip = int(c.packs_per_chip)
     if packs_per_chip < 0:
         raise ValueError(f"config.compile.packs_per_chip must be >= 0, got {packs_per_chip}")
     if packs_per_chip:  # an existing field: allowed on a locked ConfigDict
@@ -374,7 +374,7 @@ def _apply_compile_overrides(config):
 
 def run(config, args) -> int:
     """``--mode compile``: compile for ``config.compile.topology``, print the report, write its JSON."""
-    if not config.compile.get("topology"):
+    if not config.compile.topology:
         raise ValueError("--mode compile needs --config.compile.topology=<type>, e.g. v5p-16, v4-32, "
                          "v5litepod-64, v6e-64")
     jax.config.update("jax_platforms", "cpu")  # the host backend; TPU devices are abstract

@@ -198,7 +198,7 @@ def import_folder(source: str, config: ml_collections.ConfigDict | None = None, 
     meta = {
         "format": META_FORMAT,
         "model": _jsonable(cfg_model),
-        "layout": {"scan_axis": 0, "scan_layers": bool(cfg_model.get("scan_layers", True)), "stacked": sorted("/".join(e.path) for e in table if e.layers is not None),
+        "layout": {"scan_axis": 0, "scan_layers": bool(cfg_model.scan_layers), "stacked": sorted("/".join(e.path) for e in table if e.layers is not None),
                    "param_dtype": str(cfg_model.param_dtype)},
         "source": {
             "path": os.path.abspath(source), "kind": "bagel_folder", "vae_naming": fold.vae_naming,

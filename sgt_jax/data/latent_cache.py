@@ -46,7 +46,7 @@ def _fingerprint(config) -> dict:
     m = config.model
     return {"vae_transform": list(config.data.transforms.vae), "latent_patch_size": int(m.latent_patch_size),
             "z_channels": int(m.vae.z_channels), "ch_mult": list(m.vae.ch_mult),
-            "proxy_task": config.data.get("proxy_task", "segmentation")}
+            "proxy_task": config.data.proxy_task}
 
 
 class LatentCache:
@@ -117,7 +117,7 @@ def cache_latents(config, workdir: str, *, encode, source=None, out_dir: str | N
     Single process: run it on one host (it reads everything once).
     """
     if source is None:
-        source = PreparedSource(workdir, "seg", proxy_task=config.data.get("proxy_task", "segmentation"),
+        source = PreparedSource(workdir, "seg", proxy_task=config.data.proxy_task,
                                 seed=int(config.data.seed))
     out_dir = out_dir or workdir
     os.makedirs(out_dir, exist_ok=True)

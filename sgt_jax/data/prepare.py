@@ -94,9 +94,9 @@ def prepare(config, workdir: str, source: str | None = None) -> dict:
     """The prepare mode (see module doc). Returns the report it writes to ``<workdir>/prepare_report.json``."""
     os.makedirs(workdir, exist_ok=True)
     srcs_cfg = config.data.sources
-    per_shard = int(srcs_cfg.get("records_per_shard", 2048))
-    workers = int(srcs_cfg.get("prepare_workers", 0))
-    proxy_task = config.data.get("proxy_task", "segmentation")
+    per_shard = int(srcs_cfg.records_per_shard)
+    workers = int(srcs_cfg.prepare_workers)
+    proxy_task = config.data.proxy_task
     report = {"proxy_task": proxy_task, "source_root": source, "workdir": os.path.abspath(workdir),
               "families": {}}
     builders = {"seg": sources_mod.build_seg_source, "vqa": sources_mod.build_vqa_source}

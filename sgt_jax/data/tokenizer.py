@@ -197,7 +197,7 @@ def get_tokenizer(config) -> TextTokenizer:
     if spec == "synthetic":
         raw = build_tiny_tokenizer(synthetic_corpus(), vocab_size=config.model.llm.vocab_size)
         return TextTokenizer(Tokenizer.from_str(raw.to_str()), expected_ids=expected, source="synthetic")
-    path = spec or config.checkpoint.get("init_from", "")
+    path = spec or config.checkpoint.init_from
     if not path:
         raise ValueError("config.data.tokenizer is empty and config.checkpoint.init_from names no folder: set "
                          "config.data.tokenizer to a folder with tokenizer.json (or vocab.json + merges.txt)")

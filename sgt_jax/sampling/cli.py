@@ -139,7 +139,7 @@ def generate_one(inf, config, prompt: str, images: list[np.ndarray], seed: int, 
     info = dict(prompt=prompt, seed=seed, height=height, width=width, mode="edit" if edit else "t2i",
                 num_timesteps=int(g.num_timesteps), timestep_shift=float(g.timestep_shift),
                 image_condition=cond if edit else None, think=bool(g.think), thought=thought,
-                cfg=cfg._asdict(), variant=config.get("variant", ""))
+                cfg=cfg._asdict(), variant=config.variant)
     return image, info
 
 

@@ -86,7 +86,7 @@ def load_model(config, workdir: str, step: int | None = None, weights: str = "em
 
     Returns (model, description of the source)."""
     abstract, target, _ = abstract_model_and_params(config)
-    init_from = config.checkpoint.get("init_from", "") if "checkpoint" in config else ""
+    init_from = config.checkpoint.init_from
     if _has_training_checkpoints(workdir):
         step = _resolve_step(workdir, step)
         layout = store.read_json_item(workdir, step, "layout")

@@ -25,14 +25,11 @@ from sgt_jax.models.groups import GROUPS, group_of
 
 def frozen_groups(config) -> frozenset[str]:
     """The set of frozen groups from ``config.train.freeze`` (the VAE always included)."""
-    freeze = config.train.get("freeze", None)
-    out = {"vae"}
-    if freeze is not None:
-        unknown = set(freeze.keys()) - set(GROUPS)
-        if unknown:
-            raise ValueError(f"config.train.freeze has unknown group(s) {sorted(unknown)}; groups: {GROUPS}")
-        out |= {g for g in freeze.keys() if bool(freeze[g])}
-    return frozenset(out)
+    freeze = config.train.freeze
+    unknown = set(freeze.keys()) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"config.train.freeze has unknown group(s) {sorted(unknown)}; groups: {GROUPS}")
+    return frozenset({"vae"} | {g for g in freeze.keys() if bool(freeze[g])})
 
 
 def path_names(path) -> tuple[str, ...]:

@@ -40,7 +40,7 @@ SCALARS = ("step", "rng", "nonfinite", "skipped")
 def latents_online(config) -> bool:
     """True when the step encodes ``vae_images`` itself (the model, and so its checkpoints, hold the frozen
     VAE); False for cached latent statistics (``config.data.latents = "cached"``: no VAE in the model)."""
-    return str(config.data.get("latents", "online")) == "online"
+    return str(config.data.latents) == "online"
 
 
 def default_model_fn(config) -> Callable[[nnx.Rngs], nnx.Module]:
@@ -68,7 +68,7 @@ class StateSpec:
 
 
 def _ema_memory_kind(config, mesh: Mesh) -> str | None:
-    if not bool(config.train.get("ema_offload", False)):
+    if not bool(config.train.ema_offload):
         return None
     kinds = {m.kind for d in mesh.devices.flat for m in d.addressable_memories()}
     if "pinned_host" not in kinds:
@@ -97,8 +97,8 @@ def make_state_spec(config, mesh: Mesh, model_fn: Callable | None = None) -> Sta
     if not jax.tree.leaves(train):
         raise ValueError("config.train.freeze freezes every parameter: nothing to train")
     opt = jax.eval_shape(tx.init, train)
-    ema_dtype = jnp.dtype(str(config.train.get("ema_dtype", "float32")))
-    use_ema = float(config.train.get("ema_decay", 0.0)) > 0
+    ema_dtype = jnp.dtype(str(config.train.ema_dtype))
+    use_ema = float(config.train.ema_decay) > 0
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = {
         "params": parallel.state_shardings(train, mesh, rules),

@@ -31,14 +31,14 @@ __all__ = ["Source", "build_seg_source", "build_vqa_source", "SEG_KINDS", "VQA_K
 
 
 def _common(config, section) -> dict:
-    return dict(proxy_task=config.data.get("proxy_task", "segmentation"), seed=int(config.data.get("seed", 0)),
-                max_samples=int(section.get("max_samples", 0)))
+    return dict(proxy_task=config.data.proxy_task, seed=int(config.data.seed),
+                max_samples=int(section.max_samples))
 
 
 def build_seg_source(config, root_override: str | None = None) -> Source:
     """The segmentation-family source of ``config`` (``root_override`` replaces ``sources.seg.root``)."""
     s = config.data.sources.seg
-    task_of(config.data.get("proxy_task", "segmentation"))
+    task_of(config.data.proxy_task)
     kind, root = s.kind, root_override if root_override is not None else s.root
     kw = _common(config, s)
     if kind == "synthetic":

@@ -20,7 +20,9 @@ import importlib
 
 from absl import app, flags
 from ml_collections import config_flags
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
+from sgt_jax.configs_util import resolve_spec
 from sgt_jax.mode_args import ModeArgs
 
 MODES = {
@@ -37,9 +39,24 @@ MODES = {
 # Modes that do not need --config (the architecture comes from the files they read).
 CONFIG_OPTIONAL = {"import", "export"}
 
+
+
+class _ConfigParser(ConfigFileFlagParser):
+    """``--config`` also finds the shipped configs by file name, from any directory (sgt_jax/configs_util.py)."""
+
+    def parse(self, path):
+        try:
+            path = resolve_spec(path)
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from None  # absl: one line naming the flag
+        return super().parse(path)
+
+
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file FILE[:VARIANT], e.g. configs/sgt_tiny.py or configs/bagel_sgt.py:7b. "
-    "Override any field with --config.section.field=value.", lock_config=True)
+    "config", None, "Config file FILE[:VARIANT], e.g. configs/sgt_tiny.py or configs/bagel_sgt.py:7b (a file "
+    "name alone finds the configs shipped with the package, from any directory). Override any field with "
+    "--config.section.field=value.", lock_config=True)
+flags.FLAGS["config"].parser = _ConfigParser("config", lock_config=True)
 _MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to do (see the module docstring above).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, outputs.")
 _SOURCE = flags.DEFINE_string("source", None, "import: BAGEL PyTorch folder to read. prepare: raw data root.")

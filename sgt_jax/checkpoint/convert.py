@@ -114,7 +114,7 @@ def load_vae(folder: str, cfg_vae) -> FluxVAE:
 
 
 def _default_config() -> ml_collections.ConfigDict:
-    return load_config("configs/bagel_sgt.py:7b")
+    return load_config("bagel_sgt.py:7b")
 
 
 def _mesh_and_rules(config):

@@ -173,7 +173,7 @@ def infer_model_config(folder: BagelFolder, base_model: ml_collections.ConfigDic
     if base_model is None:
         from sgt_jax.configs_util import load_config
 
-        base_model = load_config("configs/bagel_sgt.py:7b").model
+        base_model = load_config("bagel_sgt.py:7b").model
     m = copy.deepcopy(base_model)
     problems: list[str] = []
     ema, lc, vc = folder.ema_header, folder.llm_config, folder.vit_config

@@ -29,6 +29,7 @@ import numpy as np
 
 from sgt_jax.data.transforms import ImageTransform
 from sgt_jax.eval.lexicon import CATEGORIES, Lexicon
+from sgt_jax.extras import require
 from sgt_jax.sampling import blocks, flow
 from sgt_jax.sampling.engine import empty_context, round_up
 
@@ -91,7 +92,7 @@ def word_attention(inf, prompt: str, lexicon: Lexicon, *, height: int, width: in
 
 
 def _plot(path, xs, ys, xlabel, ylabel, title, kind="line", labels=None):
-    import matplotlib
+    matplotlib = require("matplotlib", "eval")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

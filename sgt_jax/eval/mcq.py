@@ -43,15 +43,15 @@ from typing import Callable, Iterable
 
 from PIL import Image
 
+from sgt_jax.extras import require
+
 LETTERS = string.ascii_uppercase
 DEFAULT_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 
 def _read_table(path: str) -> list[dict]:
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
+        return require("pyarrow.parquet", "data").read_table(path).to_pylist()
     if path.endswith(".jsonl"):
         with open(path) as f:
             return [json.loads(line) for line in f if line.strip()]

@@ -14,17 +14,17 @@ import json
 import os
 
 import numpy as np
-from pycocotools import mask as mask_utils
-
 from sgt_jax.data import records, render
 from sgt_jax.data.records import BadSample
 from sgt_jax.data.sources.base import Source
 from sgt_jax.data.sources.common import decode_canonical, decode_rgb, encode_png, read_bytes
+from sgt_jax.extras import require
 
 
 def _rles(ann_bytes: bytes | None, key: str) -> list[dict]:
     if ann_bytes is None:
         raise BadSample("missing_mask", f"{key}: annotation JSON not found")
+    mask_utils = require("pycocotools.mask", "data")
     try:
         doc = json.loads(ann_bytes)
         anns = doc["annotations"]
@@ -52,6 +52,7 @@ def render_rles(rles: list[dict], key: str, height: int, width: int) -> np.ndarr
             raise BadSample("size_mismatch", f"{key}: annotation {i} is {tuple(r['size'])}, image {(height, width)}")
     if not rles:
         return np.zeros((height, width, 3), np.uint8)
+    mask_utils = require("pycocotools.mask", "data")
     try:
         areas = mask_utils.area(rles)
         boxes = mask_utils.toBbox(rles)  # painting only inside each mask's box is ~15x cheaper than full-frame

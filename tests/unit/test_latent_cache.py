@@ -6,13 +6,12 @@ import os
 
 import numpy as np
 import pytest
+from flax import nnx as flax_nnx
 
-flax_nnx = pytest.importorskip("flax.nnx")
-
-from sgt_jax.data.latent_cache import INDEX_NAME, LatentCache, cache_latents  # noqa: E402
-from sgt_jax.data.pipeline import default_sources, make_train_iterator  # noqa: E402
-from sgt_jax.data.records import BadSample  # noqa: E402
-from sgt_jax.models.flux_vae import FluxVAE, make_stats_encoder  # noqa: E402
+from sgt_jax.data.latent_cache import INDEX_NAME, LatentCache, cache_latents
+from sgt_jax.data.pipeline import default_sources, make_train_iterator
+from sgt_jax.data.records import BadSample
+from sgt_jax.models.flux_vae import FluxVAE, make_stats_encoder
 
 ATOL = 1e-5  # fp32, same encoder, same pixels: only op-order differences between batch shapes
 

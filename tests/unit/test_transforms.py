@@ -91,7 +91,7 @@ def test_transforms_from_config(tiny_config):
 
 
 def test_patchify_matches_the_vit_module_helper():
-    siglip = pytest.importorskip("sgt_jax.models.siglip_navit")
+    from sgt_jax.models import siglip_navit as siglip
     img = np.random.default_rng(0).uniform(-1, 1, (42, 28, 3)).astype(np.float32)
     ours, pos = patchify(img, 14, 70)
     theirs, tpos = siglip.patchify(img, 14, 70)

@@ -38,6 +38,18 @@ def resolve_spec(spec: str) -> str:
     return config_path(path) + sep + variant
 
 
+def flat_fields(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, object]]:
+    """Every leaf field of ``config`` as ``(dotted.name, value)``, in sorted order (what ``--print_config`` shows)."""
+    out = []
+    for key in sorted(config.keys()):
+        value = config[key]
+        if isinstance(value, ml_collections.ConfigDict):
+            out.extend(flat_fields(value, f"{prefix}{key}."))
+        else:
+            out.append((prefix + key, value))
+    return out
+
+
 def load_config(spec: str) -> ml_collections.ConfigDict:
     """Load ``path/to/file.py[:variant]`` (resolved by ``config_path``) and call its ``get_config(variant)``."""
     path, _, variant = resolve_spec(spec).partition(":")

@@ -11,18 +11,22 @@ Modes (each lives in its own module; this file only parses flags and dispatches)
   understand  image(s) + question -> answer                            sgt_jax/sampling/cli.py
   generate    text (+ image) -> image                                  sgt_jax/sampling/cli.py
   segment     segmentation by generation, with mIoU                    sgt_jax/eval/cli.py
-  evaluate    MCQ benchmarks, GenEval image dump                       sgt_jax/eval/cli.py
+  evaluate    MCQ accuracy, GenEval images (+ presets), probe, attention   sgt_jax/eval/cli.py
+
+``--print_config`` prints the resolved config (every field, overrides applied) and exits.
 """
 
 from __future__ import annotations
 
+import glob
 import importlib
+import logging
 
 from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-from sgt_jax.configs_util import resolve_spec
+from sgt_jax.configs_util import flat_fields, resolve_spec
 from sgt_jax.mode_args import ModeArgs
 
 MODES = {
@@ -38,7 +42,6 @@ MODES = {
 }
 # Modes that do not need --config (the architecture comes from the files they read).
 CONFIG_OPTIONAL = {"import", "export"}
-
 
 
 class _ConfigParser(ConfigFileFlagParser):
@@ -57,8 +60,19 @@ _CONFIG = config_flags.DEFINE_config_file(
     "name alone finds the configs shipped with the package, from any directory). Override any field with "
     "--config.section.field=value.", lock_config=True)
 flags.FLAGS["config"].parser = _ConfigParser("config", lock_config=True)
-_MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to do (see the module docstring above).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, outputs.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", list(MODES),
+    "What to do: train (SGT training), import (BAGEL PyTorch folder -> params), export (params or checkpoint -> "
+    "BAGEL folder), compile (AOT for a TPU topology, no TPU needed), prepare (raw data -> shards, + cached "
+    "latents), understand (image + question -> answer), generate (text [+ image] -> image), segment "
+    "(segmentation by generation + mIoU), evaluate (what --config.evaluate.kind says: mcq = multiple-choice "
+    "accuracy (CV-Bench layout), geneval = GenEval image dump, probe = linear probe of ViT/LLM features, "
+    "attention = attention allocation; --config.evaluate.preset=geneval_official or geneval_short sets the "
+    "official GenEval settings, docs/inference.md).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Required (except with --print_config): run directory for "
+                               "checkpoints, metrics and outputs.")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config (every field with its "
+                                  "value, overrides applied) and exit: find the --config.a.b=value you need.")
 _SOURCE = flags.DEFINE_string("source", None, "import: BAGEL PyTorch folder to read. prepare: raw data root.")
 _DEST = flags.DEFINE_string("dest", None, "export: folder to write the PyTorch checkpoint into.")
 _PROMPT = flags.DEFINE_string("prompt", None, "understand/generate/segment: the text prompt or instruction.")
@@ -70,15 +84,36 @@ _WEIGHTS = flags.DEFINE_enum("weights", "ema", ["ema", "raw"], "Which weights to
                              "training checkpoint: the EMA copy (default) or the raw parameters.")
 
 
+class _NoTpuProbeNoise(logging.Filter):
+    """Drops JAX's "Unable to initialize backend 'tpu'" line (libtpu installed, no TPU here)."""
+
+    def filter(self, record):
+        return "Unable to initialize backend 'tpu'" not in record.getMessage()
+
+
+def _quiet_tpu_probe(config) -> None:
+    """On a machine without TPU chips, and a config that does not ask for a TPU, JAX's failed TPU probe is
+    noise (and was the first line users saw): filter it out. On a TPU VM it stays, as a real warning."""
+    tpu_here = glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+    if not tpu_here and (config is None or config.train.platform != "tpu"):
+        logging.getLogger("jax._src.xla_bridge").addFilter(_NoTpuProbeNoise())
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
     mode = _MODE.value
+    config = _CONFIG.value
+    if _PRINT_CONFIG.value:
+        if config is None:
+            raise app.UsageError("--print_config needs --config")
+        print("\n".join(f"--config.{name}={value!r}" for name, value in flat_fields(config)))
+        return
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required")
-    config = _CONFIG.value
     if config is None and mode not in CONFIG_OPTIONAL:
         raise app.UsageError(f"--config is required for --mode={mode}")
+    _quiet_tpu_probe(config)
     args = ModeArgs(workdir=_WORKDIR.value, source=_SOURCE.value, dest=_DEST.value, prompt=_PROMPT.value,
                     images=tuple(_IMAGE.value), input=_INPUT.value, step=_STEP.value, weights=_WEIGHTS.value)
     module_name, fn_name = MODES[mode]

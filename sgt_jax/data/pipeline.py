@@ -54,6 +54,7 @@ class PlanFn:
         self.tok = tokenizer if tokenizer is not None else get_tokenizer(config)
         self.tfm = Transforms.from_config(config)
         self.layout = BatchLayout.from_config(config)
+        self.instructions = templates.instruction_lists(config)
         self.text_dropout = float(config.data.text_cond_dropout)
         if not 0.0 <= self.text_dropout <= 1.0:
             raise ValueError(f"config.data.text_cond_dropout must be in [0, 1], got {self.text_dropout}")
@@ -71,7 +72,7 @@ class PlanFn:
                 raise BadSample("bad_record", f"{sample['key']}: task {sample['task']!r} in the {self.group} stream")
             rng = np.random.default_rng([self.seed, _GROUP_SEED[self.group], position * self.n + self.p])
             if self.group == "seg":
-                options = templates.templates_for(sample["task"])
+                options = templates.templates_for(sample["task"], self.instructions)
                 instruction = options[int(rng.integers(len(options)))]
                 plan = plans.sgt_plan(sample, instruction, self.tok, self.tfm,
                                       drop_text=bool(rng.random() < self.text_dropout))

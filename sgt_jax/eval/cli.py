@@ -24,7 +24,8 @@ import time
 
 import numpy as np
 
-from sgt_jax.eval import seg_metric
+from sgt_jax.data import templates
+from sgt_jax.eval import presets, seg_metric
 from sgt_jax.sampling.cli import generate_one, load_image, make_inferencer, save_png
 
 EVAL_KINDS = ("mcq", "geneval", "probe", "attention")
@@ -88,7 +89,7 @@ def segment_mode(config, args) -> dict:
                                          for k, v in s.cluster.items()}).validate()
     items = _segment_items(config, args)
     inf = make_inferencer(config, args)
-    instruction = args.prompt or s.instruction
+    instruction = args.prompt or s.instruction or templates.instruction_lists(config)["seg"][0]
     out_dir = os.path.join(args.workdir, "segment")
     os.makedirs(out_dir, exist_ok=True)
     rows = []
@@ -206,6 +207,8 @@ def _attention_set(config, args):
 def evaluate_mode(config, args) -> dict:
     """--mode evaluate; returns the result of the chosen kind."""
     e = config.evaluate
+    if e.preset:  # before anything reads the fields it sets (the model too: model.pos_table_dtype)
+        print("\n".join(presets.apply_preset(config, str(e.preset), args.weights, args.input)))
     if e.kind not in EVAL_KINDS:
         raise ValueError(f"config.evaluate.kind must be one of {EVAL_KINDS}, got {e.kind!r}")
     if e.kind in ("mcq", "geneval") and not args.input:

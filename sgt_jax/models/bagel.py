@@ -54,6 +54,7 @@ class Bagel(nnx.Module):
         self.patch_latent_dim = model_cfg.latent_patch_size ** 2 * model_cfg.vae.z_channels
         self.vit_grid = model_cfg.vit.max_patches_per_side
         self.latent_grid = model_cfg.max_latent_size
+        self.pos_table_dtype = jnp.dtype(model_cfg.pos_table_dtype)
 
         self.llm = Qwen2MoT(model_cfg, rngs=rngs)
         # All Bagel params are created unplaced (no mesh needed); placement comes from the logical names
@@ -74,12 +75,12 @@ class Bagel(nnx.Module):
     def embed_vit(self, patches, pos, image_id):
         """ViT rows -> LLM embeddings ``[B, P, H]``: ``connector(vit(...)) + sincos(pos)``."""
         v = self.connector(self.vit(patches, pos, image_id))
-        return constrain(v + sincos_2d(pos, self.vit_grid, self.hidden).astype(v.dtype), ("batch", "seq", "act_embed"))
+        return constrain(v + sincos_2d(pos, self.vit_grid, self.hidden, self.pos_table_dtype).astype(v.dtype), ("batch", "seq", "act_embed"))
 
     def embed_latents(self, x_t, t, latent_pos):
         """Latent rows -> LLM embeddings ``[B, Z, H]``: ``vae2llm(x_t) + time_embedder(t) + sincos(pos)``."""
         e = self.vae2llm(x_t) + self.time_embedder(t)
-        return constrain(e + sincos_2d(latent_pos, self.latent_grid, self.hidden).astype(e.dtype),
+        return constrain(e + sincos_2d(latent_pos, self.latent_grid, self.hidden, self.pos_table_dtype).astype(e.dtype),
                          ("batch", "seq", "act_embed"))
 
     def embed_batch(self, batch, x_t, t):

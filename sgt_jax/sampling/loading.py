@@ -63,6 +63,17 @@ def model_from_params(config, pure: dict):
     return nnx.merge(nnx.graphdef(abstract), state)
 
 
+def ema_note(run_config: dict, step: int) -> str:
+    """What the EMA of a checkpoint is: its decay, the steps it has averaged, and the share the starting
+    weights still hold in it (``decay ** step``; a warning when that is most of it)."""
+    decay = float(run_config["train"]["ema_decay"])
+    left = decay ** step
+    note = f"; EMA decay {decay} over {step} steps: the starting weights still weigh {left:.2g} in it"
+    if left > 0.5:
+        note += " (mostly the starting weights: train longer, lower the decay, or load --weights raw)"
+    return note
+
+
 def _resolve_step(workdir: str, step: int | None) -> int:
     manager = store.make_manager(workdir, keep=1_000_000, async_save=False, read_only=True)
     try:
@@ -91,6 +102,8 @@ def load_model(config, workdir: str, step: int | None = None, weights: str = "em
         step = _resolve_step(workdir, step)
         layout = store.read_json_item(workdir, step, "layout")
         source = f"{store.checkpoint_dir(workdir)} step {step} ({weights})"
+        if weights == "ema":
+            source += ema_note(store.read_json_item(workdir, step, "config"), step)
         if layout.get("with_vae", True):
             pure = store.load_for_inference(workdir, step, weights, abstract_params=target)
         else:

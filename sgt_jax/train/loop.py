@@ -266,9 +266,9 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
         "skipped_steps": int(jax.device_get(state["skipped"])), "n_seg": n_seg, "n_vqa": n_vqa,
         "seg_vqa_ratio": (n_seg / n_vqa) if n_vqa else None,
     }
-    print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    print("summary: " + ", ".join(f"{k}={v}" for k, v in metrics_lib.rounded(summary).items()))
     if data_stats:
-        print(f"data: {data_stats}")
+        print(f"data: {metrics_lib.rounded(data_stats)}")
     return 0
 
 

@@ -129,6 +129,25 @@ def test_evaluate_mcq_real_tiny_model(workdir):
     assert len(preds) == 2 and all("output" in p for p in preds)
 
 
+def test_evaluate_geneval_official_preset(workdir, capsys):
+    """The preset's settings reach the images GenEval reads: 1 image per prompt, 50 steps, CFG over [0, 1]."""
+    from sgt_jax.eval.cli import evaluate_mode
+
+    prompts = os.path.join(workdir, "evaluation_metadata_long.jsonl")
+    with open(prompts, "w") as f:
+        for p in ("a photo of a red circle", "a photo of two squares"):
+            f.write(json.dumps({"tag": "single_object", "prompt": p}) + "\n")
+    cfg = _config(**{"evaluate.preset": "geneval_official", "evaluate.limit": 1})
+    res = evaluate_mode(cfg, _args(workdir, input=prompts))
+    assert res["prompts"] == 1 and res["images_written"] == 1
+    assert "compares to BAGEL 0.88 -> SGT-BAGEL 0.90" in capsys.readouterr().out
+    sample = os.path.join(workdir, "evaluate", "geneval", "00000", "samples")
+    assert sorted(os.listdir(sample)) == ["0000.json", "0000.png"]
+    info = json.load(open(os.path.join(sample, "0000.json")))
+    assert info["num_timesteps"] == 50 and info["timestep_shift"] == 3.0
+    assert info["cfg"]["interval"] == [0.0, 1.0] and info["cfg"]["text_scale"] == 4.0
+
+
 def test_evaluate_probe_and_attention(workdir):
     from sgt_jax.eval.cli import evaluate_mode
     from sgt_jax.eval.lexicon import CATEGORIES

@@ -1,7 +1,7 @@
 """BAGEL-7B-MoT SGT configs.
 
 Variants (``--config configs/bagel_sgt.py:VARIANT``):
-  7b    BAGEL-7B-MoT with the paper's SGT hyper-parameters (specs/bagel.md §1, specs/sgt_recipe.md §3.1).
+  7b    BAGEL-7B-MoT with the paper's SGT hyper-parameters (BAGEL-7B-MoT's `llm_config.json` / `vit_config.json`, song2yu/SGT `BAGEL/shells/train_sgt.sh`).
   tiny  a few-M-parameter model of the same shape family, for CPU runs and tests.
 
 Each top-level section belongs to one part of the code base:
@@ -35,7 +35,7 @@ def _model_7b():
             hidden_size=1152,
             intermediate_size=4304,
             num_heads=16,
-            num_layers=26,  # vit_config.json lists 27; BAGEL instantiates 26 (specs/bagel.md §1.4)
+            num_layers=26,  # vit_config.json lists 27; BAGEL instantiates 26 (ByteDance-Seed/Bagel `modeling/bagel/siglip_navit.py`)
             patch_size=14,
             max_patches_per_side=70,
             layer_norm_eps=1e-6,
@@ -68,7 +68,7 @@ def _model_7b():
     # Sin-cos position tables: "float32" (the official trainer's values) or "bfloat16" (the copies in a BAGEL
     # folder, which the official inference code uses; on in the official evaluation presets)
     m.pos_table_dtype = "float32"
-    m.freeze_und = False  # True: stop gradients at the und expert (reference freeze_und, specs/bagel.md §1.3)
+    m.freeze_und = False  # True: stop gradients at the und expert (reference freeze_und, ByteDance-Seed/Bagel `modeling/bagel/qwen2_navit.py`)
     return m
 
 
@@ -278,7 +278,7 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
 
 def _inference(c, variant):
     """generate / understand / segment / evaluate / analysis (owner: sgt_jax/sampling, sgt_jax/eval;
-    docs/inference.md). Defaults follow BAGEL's inference notebook/app (specs/bagel.md §3.6)."""
+    docs/inference.md). Defaults follow BAGEL's inference notebook/app (ByteDance-Seed/Bagel `inference.ipynb` and `app.py`)."""
     tiny = variant == "tiny"
     cd = ml_collections.ConfigDict
     # KV-cache capacities are rounded up to this multiple: a bounded set of compiled shapes.
@@ -297,7 +297,7 @@ def _inference(c, variant):
         edit=cd(dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
                      cfg_renorm_type="text_channel", cfg_renorm_min=0.0)),
         # image inputs: "vae_vit" = BAGEL editing (clean VAE latents then ViT tokens), "vit" = ViT only (the
-        # SGT segmentation training plan, specs/sgt_recipe.md §1.2)
+        # SGT segmentation training plan, song2yu/SGT `BAGEL/data/sam_190k.py`)
         image_condition="vae_vit",
         vae_sample=True,  # condition latents: posterior sample (BAGEL) or the mean (False)
         think=False,  # generate reasoning text first and append it to the gen context only (§3.5)

@@ -4,7 +4,7 @@ In memory (tests, parity checks, small models):
   ``bagel_state_dict_to_params(state_dict, cfg_model)`` -> nested dict of fp32 numpy arrays matching
       ``nnx.state(model, nnx.Param).to_pure_dict()`` for every Bagel parameter except the VAE.
   ``params_to_bagel_state_dict(params, cfg_model, dtype=...)`` -> the BAGEL ``ema.safetensors`` dict
-      (exact key names and shapes of specs/bagel.md §4.2, sin-cos tables included).
+      (exact key names and shapes of the `ema.safetensors` of `ByteDance-Seed/BAGEL-7B-MoT`, sin-cos tables included).
   ``vae_state_dict_to_params`` / ``params_to_vae_state_dict``: the VAE converters
       (sgt_jax/checkpoint/vision_tables.py), re-exported; ``load_vae(folder, cfg_vae)``: the VAE of a folder.
 

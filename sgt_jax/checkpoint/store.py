@@ -9,9 +9,8 @@ Two kinds of checkpoint live in a workdir (docs/interfaces.md §4):
       config   the resolved config (JSON)               layout  layout metadata (scan axis, dtypes, mesh)
 
 Every tree goes to disk as a plain nested dict of arrays keyed by path names (``to_nested``), so the
-on-disk schema does not depend on Flax/optax classes (specs/jax_practice.md §3.1 "decide the on-disk
-tree once"). Restores always take an abstract target (ShapeDtypeStructs carrying the *current*
-shardings), so a checkpoint written on one mesh restores onto any other, and no process materialises
+on-disk schema does not depend on Flax/optax classes. Restores always take an abstract target
+(ShapeDtypeStructs carrying the *current* shardings), so a checkpoint written on one mesh restores onto any other, and no process materialises
 the full model. A step directory that fails to restore (partial write, corrupted file) is reported
 with a warning and the previous step is tried (``restore_latest_valid``).
 """

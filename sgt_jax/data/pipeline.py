@@ -5,7 +5,7 @@
     state = it.get_state()    # JSON-serialisable; it.set_state(state) resumes exactly
     it.stats()                # skipped-by-reason counts, realised seg:VQA ratios, packing efficiency
 
-Per task group (``seg``, ``vqa``) one stream is built (jax_practice.md §4):
+Per task group (``seg``, ``vqa``) one stream is built (Grain's MapDataset -> IterDataset pattern):
 ``MapDataset.source(src).shuffle(seed).repeat()`` (a global shuffle that is redrawn every epoch: Grain's
 shuffle-then-repeat draws a new permutation per epoch), then this process's slice ``[process_index::
 process_count]`` of that infinite sequence (no two processes ever read the same position; within an epoch

@@ -4,7 +4,7 @@ Both are ``tokenizers.Tokenizer`` objects behind the same small wrapper (:class:
 builder never knows which one it has. The tiny tokenizer is *built locally* from the synthetic world's words
 (no download) and serialised to the same ``tokenizer.json`` format the Qwen2 checkpoint ships.
 
-Rules (specs/bagel.md §1.11, §7 item 13):
+Rules (ByteDance-Seed/Bagel `data/data_utils.py` `add_special_tokens`):
 - ``encode`` adds no BOS/EOS; the plan builder adds ``<|im_start|>``/``<|im_end|>`` and the vision markers.
 - The four special ids are looked up BY NAME in the tokenizer and must equal ``config.model.tokens``
   (a mismatch means the config and the checkpoint disagree: a clear error, never a silent remap).

@@ -1,4 +1,4 @@
-"""Attention allocation from the model's REAL attention probabilities (specs/sgt_recipe.md §5.2–5.3, §6.4).
+"""Attention allocation from the model's REAL attention probabilities (the paper, Fig. 8; song2yu/SGT `BAGEL/modeling/bagel/bagel.py`).
 
 The released analysis recomputes attention by hand from layer outputs without norms, RoPE or masks. Here
 the probabilities come from the dense attention itself (``return_probs``: after the q/k RMSNorms and RoPE,

@@ -1,4 +1,4 @@
-"""Multiple-choice benchmarks from local files in the CV-Bench layout (specs/sgt_recipe.md §4, §6.4).
+"""Multiple-choice benchmarks from local files in the CV-Bench layout (song2yu/SGT `BAGEL/eval/`).
 
 Input: a parquet file, a JSONL file, or a folder of them (all read, sorted by name). One row per question
 with the columns

@@ -1,4 +1,4 @@
-"""Linear-probe separability of image features (specs/sgt_recipe.md §5.1, Fig. 7).
+"""Linear-probe separability of image features (the paper, Fig. 7).
 
 The paper shows t-SNE plots of two confusable classes and claims better "linear separability" after
 SGT, with no classifier in the released code. Our protocol (decided here, recorded in the output):

@@ -1,4 +1,4 @@
-"""BAGEL-7B-MoT as one NNX module and its packed training forward (specs/bagel.md §1.1, §1.5, §1.10, §2.2).
+"""BAGEL-7B-MoT as one NNX module and its packed training forward (ByteDance-Seed/Bagel `modeling/bagel/bagel.py`).
 
 Submodules: ``llm`` (Qwen2 MoT), ``vit`` (SigLIP NaViT), ``connector`` (1152→H→H, tanh-GELU),
 ``time_embedder``, ``vae2llm``, ``llm2vae`` (zero-init), ``vae`` (FLUX VAE, frozen by the optimizer).

@@ -1,6 +1,6 @@
 """The FLUX.1 autoencoder (BAGEL's VAE), Flax NNX, NHWC.
 
-What it computes (specs/bagel.md §1.6, §1.7): images in [-1, 1] -> encoder -> posterior statistics
+What it computes (ByteDance-Seed/Bagel `modeling/autoencoder.py`): images in [-1, 1] -> encoder -> posterior statistics
 (mean, logvar) with ``z_channels`` channels at 1/2^(levels-1) resolution; latents are *sampled*
 (``mean + exp(logvar/2) * eps``) and mapped to model space by ``scale_factor * (z - shift_factor)``;
 the decoder maps latents back to pixels.

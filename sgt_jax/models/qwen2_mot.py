@@ -1,4 +1,4 @@
-"""Qwen2 Mixture-of-Transformers decoder of BAGEL-7B-MoT (specs/bagel.md §1.2, §1.3, §3.1).
+"""Qwen2 Mixture-of-Transformers decoder of BAGEL-7B-MoT (Qwen2, transformers `models/qwen2/modeling_qwen2.py`).
 
 Each layer holds an understanding (``und``) and a generation (``gen``) expert: q/k/v projections with
 bias, o projection without, per-head q/k RMSNorm BEFORE RoPE, input/post RMSNorms and a SwiGLU MLP.

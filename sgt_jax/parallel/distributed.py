@@ -9,7 +9,7 @@ the job really is several processes. The launch information comes from (first wi
 With none of these, a single process runs and nothing is initialised.
 
 ``check_platform`` guards against the silent CPU fallback seen on TPU VMs and Colab when another
-process holds the chips (specs/jax_practice.md §10.2 item 5).
+process holds the chips (a silent fallback that JAX allows).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""BAGEL inference flows: understanding (text out) and generation (image out) (specs/bagel.md §3.2–3.5).
+"""BAGEL inference flows: understanding (text out) and generation (image out) (ByteDance-Seed/Bagel `modeling/bagel/bagel.py`, `inferencer.py`).
 
 ``Inferencer`` wraps a loaded model, its tokenizer and the config and builds BAGEL's three contexts:
 

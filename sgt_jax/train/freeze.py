@@ -1,6 +1,6 @@
 """Which parameters train: every Bagel parameter belongs to exactly one freeze group.
 
-Groups (config.train.freeze.<group> = True freezes it; SGT default: all False, specs/sgt_recipe.md §3.1):
+Groups (config.train.freeze.<group> = True freezes it; SGT default: all False, song2yu/SGT `BAGEL/shells/train_sgt.sh`):
   vit          SigLIP NaViT (patch embedding, position embedding, layers, post-layernorm)
   connector    the ViT -> LLM MLP connector
   und          the understanding expert: llm.layers.und.*, the und final norm llm.norm

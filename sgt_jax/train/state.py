@@ -12,7 +12,7 @@
     }
 
 Why a dict of nnx.States and not an nnx.Optimizer: the jitted step is a pure function of pytrees
-with explicit in/out shardings and donation (shared/design.md), and the checkpoint writes each part
+with explicit in/out shardings and donation, and the checkpoint writes each part
 as its own item (sgt_jax/checkpoint/store.py). No process ever holds the full model: the state is
 built by ``jax.jit(init, out_shardings=...)`` from an abstract (``nnx.eval_shape``) description.
 """
@@ -150,7 +150,7 @@ def full_param_target(spec: StateSpec) -> dict:
 
 def state_from_params(config, spec: StateSpec, full_params: dict) -> dict:
     """A train state whose parameters AND EMA start from ``full_params`` (a pure dict of all model
-    parameters, already sharded), with a fresh optimizer — the SGT init (specs/sgt_recipe.md §3.1)."""
+    parameters, already sharded), with a fresh optimizer — the SGT init (song2yu/SGT `BAGEL/shells/train_sgt.sh`)."""
     seed = int(config.train.seed)
     frozen = frozen_groups(config)
 

@@ -88,7 +88,7 @@ def test_vae_encoder_hand_count(model):
 
 def test_7b_expert_params_match_spec():
     m = load_config("configs/bagel_sgt.py:7b").model
-    # specs/bagel.md §4.3: 233,058,048 per expert layer incl. q/k/v biases (3584+512+512),
+    # the `ema.safetensors` of `ByteDance-Seed/BAGEL-7B-MoT`: 233,058,048 per expert layer incl. q/k/v biases (3584+512+512),
     # q/k norms (2x128) and the two RMSNorms (2x3584) -> matmul weights = 233,046,016
     assert F.llm_layer_matmul_params(m.llm) == 233_058_048 - (3584 + 512 + 512 + 256 + 7168)
     act = F.active_params(m)

@@ -98,7 +98,7 @@ def test_tables_match_param_tree(cfg, which):
 
 
 def test_7b_tables_match_spec_counts(cfg7b):
-    """specs/bagel.md §4.3/§4.4: ViT 402,552,736 params (26 layers); ae.safetensors 244 tensors, 83,819,683."""
+    """the `ema.safetensors` of `ByteDance-Seed/BAGEL-7B-MoT`: ViT 402,552,736 params (26 layers); ae.safetensors 244 tensors, 83,819,683."""
     vit = vit_table.vit_torch_shapes(cfg7b.vit)
     assert sum(math.prod(s) for s in vit.values()) == 402_552_736
     assert vit["vit_model.vision_model.embeddings.patch_embedding.weight"] == (1152, 588)

@@ -36,7 +36,13 @@ from typing import Any, Callable
 
 import jax
 
+from sgt_jax import parallel
+from sgt_jax.data.packing import BatchLayout, empty_batch
+from sgt_jax.parallel import mesh as mesh_lib
 from sgt_jax.train import flops as flops_lib
+from sgt_jax.train import step as step_lib
+from sgt_jax.train.freeze import flops_frozen_modules
+from sgt_jax.train.state import latents_online
 
 # ---------------------------------------------------------------------------------------------------
 # Topologies
@@ -290,9 +296,6 @@ def format_report(r: dict[str, Any]) -> str:
 def abstract_batch(config, batch_sharding) -> dict:
     """ShapeDtypeStructs of one global batch (docs/interfaces.md §1) carrying the batch sharding; built
     from a 1-pack padding batch of the data layout, so the keys and dtypes are exactly what the loop feeds."""
-    from sgt_jax import parallel  # noqa: PLC0415
-    from sgt_jax.data.packing import BatchLayout, empty_batch  # noqa: PLC0415
-
     packs = int(config.data.packs_per_batch)
     one = parallel.device_part(empty_batch(BatchLayout.from_config(config), 1))
     shard = (lambda k: batch_sharding[k]) if isinstance(batch_sharding, dict) else (lambda k: batch_sharding)
@@ -302,8 +305,6 @@ def abstract_batch(config, batch_sharding) -> dict:
 def _build_train_step(config, mesh):
     """The real train step (sgt_jax/train/step.py ``build_train_step``) and its abstract arguments:
     ``(jitted_step, (abstract_state, abstract_batch))``, all ShapeDtypeStructs with NamedShardings."""
-    from sgt_jax.train import step as step_lib  # noqa: PLC0415 (heavy import, only in compile mode)
-
     jitted, abstract_state, batch_sharding = step_lib.build_train_step(config, mesh)
     return jitted, (abstract_state, abstract_batch(config, batch_sharding))
 
@@ -313,8 +314,6 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
                    ) -> dict[str, Any]:
     """Compile ``config``'s train step over ``devices`` and return the report dict; ``progress`` gets
     one-line status messages (compile mode prints them)."""
-    from sgt_jax.parallel import mesh as mesh_lib
-
     if spec is None:
         spec = parse_topology(config.compile.topology)
     if devices is None:
@@ -334,9 +333,6 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
               "ema_dtype": str(config.train.ema_dtype), "latents": str(config.data.latents)}
     report.update(compile_and_analyse(jitted, args, hbm_bytes=spec.chip.hbm_bytes, progress=progress))
     progress("counting the traced program's FLOPs")
-    from sgt_jax.train.freeze import flops_frozen_modules  # noqa: PLC0415
-    from sgt_jax.train.state import latents_online  # noqa: PLC0415
-
     analytic = flops_lib.step_flops(config.model, budgets, packs=packs, frozen=flops_frozen_modules(config),
                                     vae_online=latents_online(config))
     act = flops_lib.active_params(config.model)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from sgt_jax.checkpoint.table import Entry
+from sgt_jax.models.posemb import sincos_2d_table_np
 
 LLM = "language_model."
 EXPERTS = (("und", ""), ("gen", "_moe_gen"))  # (our submodule, BAGEL suffix)
@@ -97,6 +98,4 @@ def sincos_tables(m) -> dict[str, tuple[int, int]]:
 
 def sincos_value(grid: int, dim: int) -> np.ndarray:
     """The table from the float64 formula (sgt_jax/models/posemb.py), as float64."""
-    from sgt_jax.models.posemb import sincos_2d_table_np
-
     return sincos_2d_table_np(grid, dim)

@@ -1,4 +1,4 @@
-"""Cached VAE latent statistics: the frozen FLUX VAE run once over the prepared targets (design.md decision).
+"""Cached VAE latent statistics: the frozen FLUX VAE run once over the prepared targets (the pod-scale default).
 
 At 1024 px the frozen VAE encoder costs more per step than it is worth re-running every epoch, so pod-scale
 configs (``config.data.latents = "cached"``) read each target's posterior ``mean``/``logvar`` from here; the

@@ -101,7 +101,7 @@ class Stream:
         if self._it is None and self.workers > 0:
             from absl import flags
 
-            if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (env.md); outside absl.app
+            if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app
                 flags.FLAGS.mark_as_parsed()  # (tests, notebooks) use the flag defaults
             it_ds = self.ds[self.pos:].to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
             it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,

@@ -19,6 +19,7 @@ import os
 import re
 from typing import Iterable
 
+from sgt_jax.data import synthetic, templates
 from sgt_jax.data.records import BadSample
 
 # role in config.model.tokens -> token string (Bagel: data/data_utils.py add_special_tokens)
@@ -178,8 +179,6 @@ def build_tiny_tokenizer(corpus: Iterable[str], *, vocab_size: int = 512, save_t
 
 def synthetic_corpus() -> list[str]:
     """Every text the synthetic world and the instruction templates can produce (the tiny vocabulary)."""
-    from sgt_jax.data import synthetic, templates
-
     return [t for ts in templates.TEMPLATES.values() for t in ts] + list(synthetic.vocabulary())
 
 

@@ -23,9 +23,17 @@ import os
 import time
 
 import numpy as np
+from PIL import Image
 
-from sgt_jax.data import templates
-from sgt_jax.eval import presets, seg_metric
+from sgt_jax.data import synthetic, templates
+from sgt_jax.data.records import BadSample
+from sgt_jax.data.sources import build_seg_source
+from sgt_jax.data.transforms import resize
+from sgt_jax.eval import geneval, mcq, presets, seg_metric
+from sgt_jax.eval.attention_analysis import attention_report
+from sgt_jax.eval.features import FeatureExtractor
+from sgt_jax.eval.lexicon import load_lexicon
+from sgt_jax.eval.probe import probe_report
 from sgt_jax.sampling.cli import generate_one, load_image, make_inferencer, save_png
 
 EVAL_KINDS = ("mcq", "geneval", "probe", "attention")
@@ -50,8 +58,6 @@ def _segment_items(config, args):
         raise ValueError(f"config.segment.source must be one of {SEG_SOURCES}, got {s.source!r}")
     n = int(s.num_images)
     if s.source == "synthetic":
-        from sgt_jax.data import synthetic
-
         world = synthetic.WorldConfig.from_config(config.data.sources.synthetic)
         out = []
         for i in range(int(s.start_index), int(s.start_index) + n):
@@ -59,8 +65,6 @@ def _segment_items(config, args):
             image, target, _ = synthetic.render_scene(scene)
             out.append((scene.key, image, colour_map_labels(target)))
         return out
-    from sgt_jax.data.records import BadSample
-    from sgt_jax.data.sources import build_seg_source
 
     src = build_seg_source(config, root_override=args.input)
     out, skipped = [], 0
@@ -82,7 +86,6 @@ def segment_mode(config, args) -> dict:
     """--mode segment; returns the summary."""
     from tqdm import tqdm
 
-    from sgt_jax.data.transforms import resize
 
     s = config.segment
     params = seg_metric.ClusterParams(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
@@ -132,8 +135,6 @@ def segment_mode(config, args) -> dict:
 
 
 def _resize_labels(labels: np.ndarray, w: int, h: int) -> np.ndarray:
-    from PIL import Image
-
     return np.asarray(Image.fromarray(labels.astype(np.int32)).resize((w, h), Image.Resampling.NEAREST))
 
 
@@ -159,7 +160,6 @@ def _probe_set(config, args):
                     images.append(load_image(p))
                     labels.append(str(r["label"]))
         return images, np.asarray(labels)
-    from sgt_jax.data import synthetic
 
     # Two balanced classes, like the paper's grand vs upright piano: scenes whose largest shape is a
     # circle vs a square (held-out scene indices from 200000).
@@ -192,7 +192,6 @@ def _attention_set(config, args):
                 if r.get("prompt"):
                     prompts.append(r["prompt"])
         return vision[:n], prompts[:n]
-    from sgt_jax.data import synthetic
 
     world = synthetic.WorldConfig.from_config(config.data.sources.synthetic)
     rng = np.random.default_rng(0)
@@ -218,8 +217,6 @@ def evaluate_mode(config, args) -> dict:
     inf = make_inferencer(config, args)
     u, g, a = config.understand, config.generate, config.analysis
     if e.kind == "mcq":
-        from sgt_jax.eval import mcq
-
         questions = mcq.load_benchmark(args.input)[:limit]
         answer = lambda image, prompt: inf.understand(  # noqa: E731
             [image], prompt, max_new_tokens=int(e.mcq_max_new_tokens), vit_transform=tuple(u.vit_transform),
@@ -229,17 +226,17 @@ def evaluate_mode(config, args) -> dict:
               f"unparsed={result['unparsed']} -> {out_dir}")
         return result
     if e.kind == "geneval":
-        from sgt_jax.eval import geneval
+        def one_image(prompt, seed):  # geneval.run_geneval saves a PIL image
+            image, info = generate_one(inf, config, prompt, [], seed)
+            return Image.fromarray(image), info
 
-        result = geneval.run_geneval(args.input, out_dir, lambda p, s: generate_one(inf, config, p, [], s),
+        result = geneval.run_geneval(args.input, out_dir, one_image,
                                      n_per_prompt=int(e.geneval_n_per_prompt), seed=int(g.seed), limit=limit)
         print(f"geneval: {result}")
         return result
     if e.kind == "probe":
         from tqdm import tqdm
 
-        from sgt_jax.eval.features import FeatureExtractor
-        from sgt_jax.eval.probe import probe_report
 
         images, labels = _probe_set(config, args)
         fx = FeatureExtractor(inf, tuple(u.vit_transform), tuple(a.probe_llm_layers))
@@ -253,8 +250,6 @@ def evaluate_mode(config, args) -> dict:
         print("probe: " + ", ".join(f"{n_}={r['test_accuracy']:.3f}" for n_, r in result.items())
               + f" (chance {next(iter(result.values()))['chance']:.3f}) -> {out_dir}")
         return result
-    from sgt_jax.eval.attention_analysis import attention_report
-    from sgt_jax.eval.lexicon import load_lexicon
 
     vision, prompts = _attention_set(config, args)
     result = attention_report(

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from sgt_jax.checkpoint import convert
 from sgt_jax.checkpoint import store
 from sgt_jax.train import state as state_lib
 from sgt_jax.train.freeze import frozen_groups
@@ -97,8 +98,6 @@ def initial_state(config, spec: state_lib.StateSpec, mesh: Mesh) -> dict:
         # A model without its VAE (cached latents) restores the subset it has.
         params = store.load_params(src, target, strict="vae" in target)
     elif os.path.exists(os.path.join(src, "llm_config.json")):
-        from sgt_jax.checkpoint import convert  # the conversion engineer's import machinery
-
         params, _, _ = convert.import_folder(src, config, progress=jax.process_index() == 0)
         params = {k: v for k, v in params.items() if k in target}  # no VAE in a cached-latent model
     else:

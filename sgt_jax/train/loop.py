@@ -24,9 +24,10 @@ import jax
 import numpy as np
 
 from sgt_jax import parallel
-from sgt_jax.checkpoint import store
+from sgt_jax.checkpoint import convert, store
 from sgt_jax.mode_args import ModeArgs
 from sgt_jax.train import checkpointing, metrics as metrics_lib
+from sgt_jax.train import flops as flops_lib
 from sgt_jax.train import state as state_lib
 from sgt_jax.train import step as step_lib
 from sgt_jax.train.freeze import flops_frozen_modules
@@ -89,8 +90,6 @@ def _crc(host: dict) -> int:
 
 
 def _flops_per_step(config, global_packs: int) -> float | None:
-    from sgt_jax.train import flops as flops_lib
-
     budgets = flops_lib.budgets_from_config(config)
     return flops_lib.step_flops(config.model, budgets, packs=global_packs, frozen=flops_frozen_modules(config),
                                 vae_online=state_lib.latents_online(config)).total
@@ -98,8 +97,6 @@ def _flops_per_step(config, global_packs: int) -> float | None:
 
 def _peak_flops(config) -> float | None:
     """Per-device peak FLOP/s for MFU: config.train.peak_flops, else the TPU chip from the device kind."""
-    from sgt_jax.train import flops as flops_lib
-
     peak = float(config.train.peak_flops)
     if peak > 0:
         return peak
@@ -282,7 +279,6 @@ def _check_export_at_end(config) -> None:
     if weights == "ema" and float(config.train.ema_decay) <= 0.0:
         raise ValueError("config.checkpoint.export_at_end='ema' but the run keeps no EMA (config.train.ema_decay "
                          "is 0); export 'raw' or set an EMA decay")
-    from sgt_jax.checkpoint import convert
 
     init_from = str(config.checkpoint.init_from)
     if not state_lib.latents_online(config) and not convert.vae_available(init_from):
@@ -294,8 +290,6 @@ def _check_export_at_end(config) -> None:
 
 def _export(config, workdir: str, step: int) -> None:
     """Write the EMA or raw weights of the final checkpoint as a BAGEL PyTorch folder."""
-    from sgt_jax.checkpoint import convert
-
     dest = str(config.checkpoint.export_dir) or os.path.join(workdir, "export")
     # export_at_end was validated by _check_export_at_end before step 0
     convert.run_export(config, ModeArgs(workdir=workdir, dest=dest, step=step,

@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sgt_jax import parallel
 from sgt_jax.checkpoint import store
+from sgt_jax.models.bagel import Bagel
 from sgt_jax.train.freeze import frozen_groups, make_filters
 from sgt_jax.train.optim import make_optimizer
 
@@ -45,8 +46,6 @@ def latents_online(config) -> bool:
 
 def default_model_fn(config) -> Callable[[nnx.Rngs], nnx.Module]:
     """Bagel built from ``config.model``; the VAE is included only for online latent encoding."""
-    from sgt_jax.models.bagel import Bagel
-
     with_vae = latents_online(config)
     return lambda rngs: Bagel(config.model, rngs=rngs, with_vae=with_vae)
 

@@ -21,11 +21,13 @@ from __future__ import annotations
 import glob
 import importlib
 import logging
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
+from sgt_jax import errors
 from sgt_jax.configs_util import flat_fields, resolve_spec
 from sgt_jax.mode_args import ModeArgs
 
@@ -106,13 +108,15 @@ def main(argv):
     config = _CONFIG.value
     if _PRINT_CONFIG.value:
         if config is None:
-            raise app.UsageError("--print_config needs --config")
+            raise errors.InputError("--print_config needs --config")
         print("\n".join(f"--config.{name}={value!r}" for name, value in flat_fields(config)))
         return
-    if _WORKDIR.value is None:
-        raise app.UsageError("--workdir is required")
+    if not _WORKDIR.value:
+        raise errors.InputError(f"--workdir is required (the run folder of --mode={mode})")
+    if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+        raise errors.InputError(f"--workdir {_WORKDIR.value}: is a file, not a folder")
     if config is None and mode not in CONFIG_OPTIONAL:
-        raise app.UsageError(f"--config is required for --mode={mode}")
+        raise errors.InputError(f"--config is required for --mode={mode} (e.g. --config configs/sgt_tiny.py)")
     _quiet_tpu_probe(config)
     args = ModeArgs(workdir=_WORKDIR.value, source=_SOURCE.value, dest=_DEST.value, prompt=_PROMPT.value,
                     images=tuple(_IMAGE.value), input=_INPUT.value, step=_STEP.value, weights=_WEIGHTS.value)
@@ -122,7 +126,7 @@ def main(argv):
 
 
 def entry():
-    app.run(main)
+    errors.run_cli(lambda: app.run(main))  # input errors: one line, exit status 1 (--debug: traceback)
 
 
 if __name__ == "__main__":

@@ -117,8 +117,8 @@ def cache_latents(config, workdir: str, *, encode, source=None, out_dir: str | N
     Single process: run it on one host (it reads everything once).
     """
     if source is None:
-        source = PreparedSource(workdir, "seg", proxy_task=config.data.proxy_task,
-                                seed=int(config.data.seed))
+        source = PreparedSource(workdir, "seg", proxy_task=config.data.proxy_task, seed=int(config.data.seed),
+                                mask_size_mismatch=str(config.data.mask_size_mismatch))
     out_dir = out_dir or workdir
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(out_dir, "latents-*.array_record")) + [os.path.join(out_dir, INDEX_NAME)]:

@@ -214,10 +214,11 @@ def evaluate_mode(config, args) -> dict:
         raise ValueError(f"--mode evaluate with evaluate.kind={e.kind} needs --input (the benchmark file)")
     out_dir = os.path.join(args.workdir, "evaluate", e.kind)
     limit = int(e.limit) or None
-    inf = make_inferencer(config, args)
     u, g, a = config.understand, config.generate, config.analysis
+    # Inputs are read before the weights load (minutes for 7B), so a wrong path fails at once.
     if e.kind == "mcq":
         questions = mcq.load_benchmark(args.input)[:limit]
+        inf = make_inferencer(config, args)
         answer = lambda image, prompt: inf.understand(  # noqa: E731
             [image], prompt, max_new_tokens=int(e.mcq_max_new_tokens), vit_transform=tuple(u.vit_transform),
             cache_bucket=int(u.cache_bucket))
@@ -226,19 +227,17 @@ def evaluate_mode(config, args) -> dict:
               f"unparsed={result['unparsed']} -> {out_dir}")
         return result
     if e.kind == "geneval":
-        def one_image(prompt, seed):  # geneval.run_geneval saves a PIL image
-            image, info = generate_one(inf, config, prompt, [], seed)
-            return Image.fromarray(image), info
-
-        result = geneval.run_geneval(args.input, out_dir, one_image,
+        geneval.read_metadata(args.input)
+        inf = make_inferencer(config, args)
+        result = geneval.run_geneval(args.input, out_dir, lambda p, s: generate_one(inf, config, p, [], s),
                                      n_per_prompt=int(e.geneval_n_per_prompt), seed=int(g.seed), limit=limit)
         print(f"geneval: {result}")
         return result
     if e.kind == "probe":
         from tqdm import tqdm
 
-
         images, labels = _probe_set(config, args)
+        inf = make_inferencer(config, args)
         fx = FeatureExtractor(inf, tuple(u.vit_transform), tuple(a.probe_llm_layers))
         feats = {n_: [] for n_ in fx.names()}
         for img in tqdm(images, desc="features"):
@@ -250,8 +249,8 @@ def evaluate_mode(config, args) -> dict:
         print("probe: " + ", ".join(f"{n_}={r['test_accuracy']:.3f}" for n_, r in result.items())
               + f" (chance {next(iter(result.values()))['chance']:.3f}) -> {out_dir}")
         return result
-
     vision, prompts = _attention_set(config, args)
+    inf = make_inferencer(config, args)
     result = attention_report(
         inf, vision, prompts, out_dir, lexicon=load_lexicon(str(a.lexicon)), vit_transform=tuple(u.vit_transform),
         gen_settings=dict(height=int(a.attn_gen_size[0]), width=int(a.attn_gen_size[1]),

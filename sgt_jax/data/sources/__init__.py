@@ -32,7 +32,7 @@ __all__ = ["Source", "build_seg_source", "build_vqa_source", "SEG_KINDS", "VQA_K
 
 def _common(config, section) -> dict:
     return dict(proxy_task=config.data.proxy_task, seed=int(config.data.seed),
-                max_samples=int(section.max_samples))
+                max_samples=int(section.max_samples), mask_size_mismatch=str(config.data.mask_size_mismatch))
 
 
 def build_seg_source(config, root_override: str | None = None) -> Source:
@@ -55,7 +55,7 @@ def build_seg_source(config, root_override: str | None = None) -> Source:
     if kind == "prepared":
         return PreparedSource(root, "seg", **kw)
     if kind == "tfds":
-        return TfdsSource(root, s.get("tfds_name", ""), s.get("split", "train"), "seg", **kw)
+        return TfdsSource(root, s.tfds_name, s.split, "seg", **kw)
     raise ValueError(f"config.data.sources.seg.kind={kind!r}; choose one of {SEG_KINDS}")
 
 
@@ -74,5 +74,5 @@ def build_vqa_source(config, root_override: str | None = None) -> Source | None:
     if kind == "prepared":
         return PreparedSource(root, "vqa", **kw)
     if kind == "tfds":
-        return TfdsSource(root, s.get("tfds_name", ""), s.get("split", "train"), "vqa", **kw)
+        return TfdsSource(root, s.tfds_name, s.split, "vqa", **kw)
     raise ValueError(f"config.data.sources.vqa.kind={kind!r}; choose one of {VQA_KINDS}")

@@ -132,9 +132,14 @@ def _jsonable(x):
 
 
 def model_config_from_meta(meta: Mapping) -> ml_collections.ConfigDict:
-    """The model config recorded in params_meta.json (tuples restored where the config has them)."""
+    """The model config recorded in params_meta.json (tuples restored where the config has them). Top-level
+    fields added to the config after that import (e.g. ``pos_table_dtype``) take the current defaults."""
     m = ml_collections.ConfigDict(meta["model"])
     m.vae.ch_mult = tuple(m.vae.ch_mult)
+    defaults = _default_config().model
+    for key in defaults.keys():
+        if key not in m:
+            m[key] = defaults[key]
     return m
 
 

@@ -105,3 +105,13 @@ def test_ema_note():
 
 def test_tiny_ema_moves_within_the_default_run(tiny):
     assert tiny.train.ema_decay ** tiny.train.steps < 0.2
+
+
+def test_workdir_imported_before_a_new_model_field_still_loads(tiny):
+    """params_meta.json written before model.pos_table_dtype existed: the field takes today's default."""
+    from sgt_jax.checkpoint import convert
+
+    meta = {"model": tiny.model.to_dict()}
+    del meta["model"]["pos_table_dtype"]
+    m = convert.model_config_from_meta(meta)
+    assert m.pos_table_dtype == "float32" and m.llm.hidden_size == 64 and m.vae.ch_mult == (1, 2)

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sgt_jax.models.layers import canonical_dtype
 
@@ -280,14 +281,30 @@ def unpatchify_latent(x, h: int, w: int, p: int):
     return x.reshape(b, h * p, w * p, c)
 
 
-def make_stats_encoder(vae: FluxVAE, latent_patch_size: int):
-    """jit-compiled ``images [B,H,W,3] in [-1,1] -> (mean, logvar)`` as numpy, patchified to [B, h·w, p·p·zc]
-    (what the latent cache stores, sgt_jax/data/latent_cache.py)."""
+def make_stats_encoder(vae: FluxVAE, latent_patch_size: int, devices=None):
+    """``images [B,H,W,3] in [-1,1] -> (mean, logvar)`` patchified to [B, h·w, p·p·zc], as numpy (what the
+    latent cache stores, sgt_jax/data/latent_cache.py).
+
+    Data parallel over ``devices`` (default: this process's local devices): the weights are replicated, the
+    batch is split along its first axis (padded with zero images to a multiple of the device count; the pad
+    rows are dropped). jit-compiled once per image size."""
+    devices = list(devices if devices is not None else jax.local_devices())
+    mesh = Mesh(np.array(devices), ("batch",))
+    rows, replicated = NamedSharding(mesh, PartitionSpec("batch")), NamedSharding(mesh, PartitionSpec())
     graphdef, state = nnx.split(vae)
+    state = jax.device_put(state, replicated)
 
     @jax.jit
     def encode(st, x):
         mean, logvar = nnx.merge(graphdef, st).encode_stats(x)
         return patchify_latent(mean, latent_patch_size), patchify_latent(logvar, latent_patch_size)
 
-    return lambda x: tuple(np.asarray(a) for a in encode(state, x))
+    def run(x: np.ndarray):
+        b = x.shape[0]
+        pad = -b % len(devices)
+        if pad:
+            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+        mean, logvar = encode(state, jax.device_put(x, rows))
+        return np.asarray(mean)[:b], np.asarray(logvar)[:b]
+
+    return run

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+
 from flax import nnx as flax_nnx
 
 from sgt_jax.data.latent_cache import INDEX_NAME, LatentCache, cache_latents
@@ -115,3 +116,18 @@ def test_load_vae_from_a_bagel_folder(built, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(FileNotFoundError, match="ae.safetensors"):
         load_vae(str(tmp_path / "missing"), cfg.model.vae)
+
+
+@pytest.mark.multidevice
+def test_encoder_is_data_parallel_over_devices(built):
+    """make_stats_encoder splits the batch over the given devices (3 images padded to 8 rows): the statistics equal
+    those of one device."""
+    import jax
+
+    vae, _ = built
+    x = np.random.default_rng(1).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
+    one = make_stats_encoder(vae, 2, devices=jax.devices()[:1])(x)
+    eight = make_stats_encoder(vae, 2, devices=jax.devices()[:8])(x)
+    assert one[0].shape == eight[0].shape == (3, 16 * 16 // 4, 16)
+    for a, b in zip(one, eight):
+        np.testing.assert_allclose(b, a, atol=ATOL)

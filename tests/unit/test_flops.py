@@ -156,11 +156,11 @@ def test_loop_peak_flops_uses_device_kind_table(monkeypatch):
     from sgt_jax.train import flops as flops_lib
     from sgt_jax.train import loop
 
-    config = types.SimpleNamespace(train={"peak_flops": 0})
+    config = types.SimpleNamespace(train=types.SimpleNamespace(peak_flops=0.0))
     for kind, chip in (("TPU v5", "v5p"), ("TPU v6 lite", "v6e"), ("TPU v5 lite", "v5e"), ("TPU v4", "v4")):
         monkeypatch.setattr(jax, "devices", lambda kind=kind: [types.SimpleNamespace(device_kind=kind)])
         assert loop._peak_flops(config) == flops_lib.chip(chip).peak_bf16_flops
     monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(device_kind="cpu")])
     assert loop._peak_flops(config) is None
-    config = types.SimpleNamespace(train={"peak_flops": 1e12})
+    config = types.SimpleNamespace(train=types.SimpleNamespace(peak_flops=1e12))
     assert loop._peak_flops(config) == 1e12

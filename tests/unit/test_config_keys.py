@@ -16,6 +16,10 @@ METHODS = {"get", "keys", "items", "values", "to_dict", "to_json", "update", "un
            "copy_and_resolve_references", "get_type", "ignore_type", "to_json_best_effort"}
 # the section a local name stands for, where the code names a section by another name
 ALIASES = {"cfg_model": "model", "model_cfg": "model", "train_cfg": "train", "srcs_cfg": "data.sources"}
+# Read only when present, by code for a config the repository does not hold yet: OmniGen2's MLLM section
+# (checkpoint/qwen2_5_vl_folder.py reads config.model.mllm if the run config has one). Remove when
+# configs/omnigen2_sgt.py defines it.
+NOT_YET_DEFINED = {"model.mllm"}
 
 
 def _sources():
@@ -60,7 +64,8 @@ def test_every_field_the_code_reads_is_defined(spec):
             if not hasattr(node, "keys"):
                 break  # a value's own attribute (e.g. a tuple's .index)
             if part not in node:
-                missing.add(f"{rel}: {text}")
+                if ".".join(parts[: parts.index(part) + 1]) not in NOT_YET_DEFINED:
+                    missing.add(f"{rel}: {text}")
                 break
             node = node[part]
     assert not missing, "read but not defined in " + spec + ":\n" + "\n".join(sorted(missing))

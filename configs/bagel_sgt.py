@@ -1,7 +1,7 @@
 """BAGEL-7B-MoT SGT configs.
 
 Variants (``--config configs/bagel_sgt.py:VARIANT``):
-  7b    BAGEL-7B-MoT with the paper's SGT hyper-parameters (specs/bagel.md §1, specs/sgt_recipe.md §3.1).
+  7b    BAGEL-7B-MoT with the paper's SGT hyper-parameters (BAGEL-7B-MoT's `llm_config.json` / `vit_config.json`, song2yu/SGT `BAGEL/shells/train_sgt.sh`).
   tiny  a few-M-parameter model of the same shape family, for CPU runs and tests.
   small ~8.4 M parameters of the same family, sized to LEARN the synthetic world on a CPU (the SGT ablation of
         bench/toy_sgt.py); otherwise the tiny variant's settings (synthetic data, fp32, dense attention).
@@ -37,7 +37,7 @@ def _model_7b():
             hidden_size=1152,
             intermediate_size=4304,
             num_heads=16,
-            num_layers=26,  # vit_config.json lists 27; BAGEL instantiates 26 (specs/bagel.md §1.4)
+            num_layers=26,  # vit_config.json lists 27; BAGEL instantiates 26 (ByteDance-Seed/Bagel `modeling/bagel/siglip_navit.py`)
             patch_size=14,
             max_patches_per_side=70,
             layer_norm_eps=1e-6,
@@ -67,7 +67,10 @@ def _model_7b():
     m.remat_policy = "full"  # none | full | dots | dots_no_batch | qkv_out (sgt_jax/models/remat.py)
     m.attention_impl = "chunked"  # "dense" (tests, small packs) or "chunked" (memory-lean, long packs)
     m.attention_chunk = 1024  # query/key block of "chunked" attention (H200, 16k tokens: docs/model.md)
-    m.freeze_und = False  # True: stop gradients at the und expert (reference freeze_und, specs/bagel.md §1.3)
+    # Sin-cos position tables: "float32" (the official trainer's values) or "bfloat16" (the copies in a BAGEL
+    # folder, which the official inference code uses; on in the official evaluation presets)
+    m.pos_table_dtype = "float32"
+    m.freeze_und = False  # True: stop gradients at the und expert (reference freeze_und, ByteDance-Seed/Bagel `modeling/bagel/qwen2_navit.py`)
     return m
 
 
@@ -206,6 +209,9 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     # -- data.sources / data.proxy_task (sgt_jax/data/sources, docs/data_sources.md) --
     # proxy task of the segmentation-family samples: segmentation | reconstruction | edge | inpainting
     c.data.proxy_task = "segmentation"
+    # Segmentation instructions, for training and inference alike: "" = the built-in templates
+    # (sgt_jax/data/templates.py), or a file: a JSON array of strings or text with one instruction per line.
+    c.data.seg_instructions = ""
     # A mask (or RLE) of another size than its image: "skip" (default: a mismatch means a wrong pairing, a
     # crop or a rotation that a resize would hide) | "resize_nearest" (masks stored at another resolution;
     # the reference resizes bicubically, we never blend colours). docs/data_sources.md §2.
@@ -226,12 +232,15 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     c.train.timestep_shift = 1.0
     c.train.platform = "tpu" if base == "7b" else "any"  # startup check: "", any, cpu, gpu, tpu
     c.train.ce_chunk = 2048 if base == "7b" else 16  # CE labels per LM-head chunk (never [L, V] at once)
-    c.train.ema_decay = 0.9999
+    # EMA of the trainable weights (what inference loads by default). 7b: 0.9999 (the paper's recipe);
+    # tiny: 0.9, so that its 20-step run already moves the EMA (0.9999 ** 20 would keep 99.8 % of the init).
+    c.train.ema_decay = 0.9999 if base == "7b" else 0.9
     c.train.ema_dtype = "float32"  # or "bfloat16" (halves EMA memory)
     c.train.ema_offload = False  # keep the EMA in pinned_host memory (error if the backend has none)
     c.train.max_consecutive_nonfinite = 5  # NaN/Inf loss or grad: update skipped; abort after this many in a row
-    c.train.log_every = 1
     c.train.tensorboard = True
+    # Per-device peak FLOP/s for the MFU column (0: the TPU chip's bf16 peak from its device kind; none on CPU).
+    c.train.peak_flops = 0.0
     # Freezing (SGT default: everything trains except the VAE, which is always frozen).
     c.train.freeze = ml_collections.ConfigDict(
         dict(vit=False, connector=False, und=False, gen=False, embeddings=False, lm_head=False))
@@ -312,7 +321,7 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
 
 def _inference(c, variant):
     """generate / understand / segment / evaluate / analysis (owner: sgt_jax/sampling, sgt_jax/eval;
-    docs/inference.md). Defaults follow BAGEL's inference notebook/app (specs/bagel.md §3.6)."""
+    docs/inference.md). Defaults follow BAGEL's inference notebook/app (ByteDance-Seed/Bagel `inference.ipynb` and `app.py`)."""
     tiny = variant == "tiny"
     cd = ml_collections.ConfigDict
     # KV-cache capacities are rounded up to this multiple: a bounded set of compiled shapes.
@@ -324,12 +333,14 @@ def _inference(c, variant):
         height=32 if tiny else 1024,  # text-to-image output size (editing: the resized input's size)
         width=32 if tiny else 1024,
         num_images=1,  # images per request (seeds seed, seed+1, ...)
+        # float -> uint8 of the output image: "round" (nearest) or "truncate" (the official inference code)
+        uint8="round",
         t2i=cd(dict(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), cfg_renorm_type="global",
                     cfg_renorm_min=0.0)),
         edit=cd(dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
                      cfg_renorm_type="text_channel", cfg_renorm_min=0.0)),
         # image inputs: "vae_vit" = BAGEL editing (clean VAE latents then ViT tokens), "vit" = ViT only (the
-        # SGT segmentation training plan, specs/sgt_recipe.md §1.2)
+        # SGT segmentation training plan, song2yu/SGT `BAGEL/data/sam_190k.py`)
         image_condition="vae_vit",
         vae_sample=True,  # condition latents: posterior sample (BAGEL) or the mean (False)
         think=False,  # generate reasoning text first and append it to the gen context only (§3.5)
@@ -351,7 +362,9 @@ def _inference(c, variant):
         # synthetic: held-out shapes-world scenes; data: the records of config.data.sources.seg (root
         # overridable with --input), ground truth = the rendered target's colours
         source="synthetic",
-        instruction="Segment every instance with a different color.",
+        # "" = the first segmentation instruction of the run's list (a training instruction:
+        # config.data.seg_instructions, else the built-in templates, sgt_jax/data/templates.py)
+        instruction="",
         start_index=100_000,  # synthetic: first scene index (training uses 0..num_samples-1)
         num_images=2 if tiny else 200,
         image_condition="vit",  # as SGT trains: ViT view of the image + instruction (see generate)
@@ -362,11 +375,14 @@ def _inference(c, variant):
                         background_color=(0, 0, 0), split_components=False, reject_blends=True)),
     ))
     c.evaluate = cd(dict(
+        # a named protocol that sets the fields below and others (sgt_jax/eval/presets.py, docs/inference.md):
+        # "" | "geneval_official" (long prompts, the paper's 0.88 -> 0.90) | "geneval_short" (78.21 -> 80.95)
+        preset="",
         kind="mcq",  # mcq | geneval | probe | attention
         limit=0,  # 0 = all items
         mcq_suffix="Answer with the option's letter from the given choices directly.",
         mcq_max_new_tokens=8 if tiny else 16,
-        geneval_n_per_prompt=4,
+        geneval_n_per_prompt=4,  # GenEval's own protocol; the official BAGEL script (the presets) uses 1
     ))
     c.analysis = cd(dict(
         # linear probe (sgt_jax/eval/probe.py): features = "vit" and "llm<layer>" for each layer below

@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from sgt_jax.checkpoint.safetensors_io import SliceReader, StreamingWriter, TensorInfo, numpy_dtype
 from sgt_jax.checkpoint.table import Entry, get_path
+from sgt_jax.checkpoint.table import set_path
 
 
 def _cached_reader(read: Callable[[str, tuple[slice, ...]], np.ndarray]):
@@ -129,8 +130,6 @@ def fill_from_table(table: list[Entry], reader: SliceReader, abstract: Mapping, 
                     progress: Callable[[int], None] | None = None) -> dict:
     """Fill every table row into ``out`` (nested dict) from the shardings in ``abstract`` (nested dict of
     ShapeDtypeStructs). ``progress(nbytes)`` is called after each parameter."""
-    from sgt_jax.checkpoint.table import set_path
-
     for e in table:
         arr = fill_entry(e, reader, get_path(abstract, e.path))
         set_path(out, e.path, arr)

@@ -1,4 +1,4 @@
-"""Cached VAE latent statistics: the frozen FLUX VAE run once over the prepared targets (design.md decision).
+"""Cached VAE latent statistics: the frozen FLUX VAE run once over the prepared targets (the pod-scale default).
 
 At 1024 px the frozen VAE encoder costs more per step than it is worth re-running every epoch, so pod-scale
 configs (``config.data.latents = "cached"``) read each target's posterior ``mean``/``logvar`` from here; the
@@ -28,11 +28,14 @@ import os
 
 import msgpack
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from sgt_jax.data import prepare_shards
-from sgt_jax.data.arrayrecord_io import shard_name
+from sgt_jax.data.arrayrecord_io import shard_name, unpack_record
+from sgt_jax.data.bad_data import SkipCounter
 from sgt_jax.data.plans import vae_target
 from sgt_jax.data.records import BadSample
+from sgt_jax.data.sources.common import decode_canonical
 from sgt_jax.data.transforms import Transforms, latent_grid, normalize
 
 log = logging.getLogger(__name__)
@@ -46,7 +49,7 @@ def _fingerprint(config) -> dict:
     m = config.model
     return {"vae_transform": list(config.data.transforms.vae), "latent_patch_size": int(m.latent_patch_size),
             "z_channels": int(m.vae.z_channels), "ch_mult": list(m.vae.ch_mult),
-            "proxy_task": config.data.get("proxy_task", "segmentation")}
+            "proxy_task": config.data.proxy_task}
 
 
 class LatentCache:
@@ -76,8 +79,6 @@ class LatentCache:
         return d
 
     def _read(self, shard: int, row: int) -> dict:
-        from array_record.python.array_record_module import ArrayRecordReader
-
         if shard not in self._readers:
             self._readers[shard] = ArrayRecordReader(self.shards[shard], "readahead_buffer_size:0")
         return msgpack.unpackb(self._readers[shard].read([row])[0], raw=False)
@@ -107,72 +108,6 @@ class LatentCache:
         return plan
 
 
-def make_encoder(vae, latent_patch_size: int, devices=None):
-    """``images [B,H,W,3] in [-1,1] -> (mean, logvar)`` patchified to [B, h·w, p·p·zc], as numpy.
-
-    Data parallel over ``devices`` (default: this process's local devices): the weights are replicated, the
-    batch is split along its first axis (padded with zero images to a multiple of the device count; the pad
-    rows are dropped). jit-compiled once per image size."""
-    import jax
-    from flax import nnx
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-    from sgt_jax.models.flux_vae import patchify_latent
-
-    devices = list(devices if devices is not None else jax.local_devices())
-    mesh = Mesh(np.array(devices), ("batch",))
-    rows, replicated = NamedSharding(mesh, PartitionSpec("batch")), NamedSharding(mesh, PartitionSpec())
-    graphdef, state = nnx.split(vae)
-    state = jax.device_put(state, replicated)
-
-    @jax.jit
-    def encode(st, x):
-        mean, logvar = nnx.merge(graphdef, st).encode_stats(x)
-        return patchify_latent(mean, latent_patch_size), patchify_latent(logvar, latent_patch_size)
-
-    def run(x: np.ndarray):
-        b = x.shape[0]
-        pad = -b % len(devices)
-        if pad:
-            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
-        mean, logvar = encode(state, jax.device_put(x, rows))
-        return np.asarray(mean)[:b], np.asarray(logvar)[:b]
-
-    return run
-
-
-def load_vae(config):
-    """The frozen FLUX VAE with weights from ``config.checkpoint.init_from`` (a BAGEL folder: ae.safetensors).
-
-    Built abstractly (``nnx.eval_shape``) and filled from the file, so no random init runs."""
-    import jax.numpy as jnp
-    from flax import nnx
-    from safetensors import safe_open
-
-    from sgt_jax.checkpoint.convert import vae_state_dict_to_params
-    from sgt_jax.models.flux_vae import FluxVAE
-
-    folder = config.checkpoint.get("init_from", "")
-    path = os.path.join(folder, "ae.safetensors")
-    if not folder or not os.path.exists(path):
-        raise FileNotFoundError(f"caching latents needs the VAE weights: {path!r} not found (set "
-                                "config.checkpoint.init_from to a BAGEL checkpoint folder)")
-    with safe_open(path, framework="flax") as f:  # flax: bf16 files load too (numpy has no bfloat16)
-        sd = {k: np.asarray(f.get_tensor(k).astype(jnp.float32)) for k in f.keys()}
-    params = vae_state_dict_to_params(sd, config.model.vae)
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: FluxVAE(config.model.vae, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    nnx.replace_by_pure_dict(state, _tree_map(jnp.asarray, params))
-    return nnx.merge(graphdef, state)
-
-
-def _tree_map(fn, tree):
-    import jax
-
-    return jax.tree.map(fn, tree)
-
-
 def _blocks(config, workdir: str, source, records_per_shard: int):
     """``(n_blocks, read)``: ``read(k)`` yields the raw records of block ``k`` and ``decode`` their samples.
     Without ``source``: block k = prepared seg shard k of ``workdir`` (so latents-k belongs to seg-k); else
@@ -184,18 +119,13 @@ def _blocks(config, workdir: str, source, records_per_shard: int):
             return (source[i] for i in range(k * records_per_shard, min(n, (k + 1) * records_per_shard)))
 
         return prepare_shards.num_blocks(n, records_per_shard), read, source.decode
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    from sgt_jax.data.arrayrecord_io import unpack_record
-    from sgt_jax.data.sources.common import decode_canonical
-
     names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(workdir, "seg-*-of-*.array_record")))
     totals = {int(name.split("-of-")[1].split(".")[0]) for name in names}
     if len(totals) != 1:
         raise FileNotFoundError(f"latent cache: no single set of prepared seg shards in {workdir!r}: {names[:5]}")
     n_blocks = totals.pop()
-    proxy, seed = config.data.get("proxy_task", "segmentation"), int(config.data.seed)
-    mismatch = str(config.data.get("mask_size_mismatch", "skip"))  # the same samples as training reads
+    proxy, seed = config.data.proxy_task, int(config.data.seed)
+    mismatch = str(config.data.mask_size_mismatch)  # the same samples as training reads
 
     def read(k):
         path = os.path.join(workdir, shard_name("seg", k, n_blocks))
@@ -211,7 +141,7 @@ def _blocks(config, workdir: str, source, records_per_shard: int):
     return n_blocks, read, lambda raw: decode_canonical(unpack_record(raw), proxy, seed, mismatch)
 
 
-def cache_latents(config, workdir: str, *, vae=None, source=None, out_dir: str | None = None,
+def cache_latents(config, workdir: str, *, encode, source=None, out_dir: str | None = None,
                   batch_size: int = 8, records_per_shard: int = 4096, shard: tuple[int, int] = (0, 1),
                   merge: bool = True) -> dict:
     """Encodes the segmentation-family targets of this shard's blocks (:func:`_blocks`; default: the prepared
@@ -219,14 +149,12 @@ def cache_latents(config, workdir: str, *, vae=None, source=None, out_dir: str |
     leaving the per-block keys and skip counts in ``latents_index.part-<i>-of-<n>.json``. With ``merge`` (and
     every part present) it then writes ``latents_index.json`` and returns the report; else it returns the part.
 
-    Images of equal size within a block are encoded together, ``batch_size`` at a time, data parallel over the
-    local devices (:func:`make_encoder`). Batches never span blocks, so the statistics do not depend on how many
+    ``encode``: ``images [B,H,W,3] in [-1,1] -> (mean, logvar)`` as numpy, patchified to [B, h·w, p·p·zc]
+    (``sgt_jax.models.flux_vae.make_stats_encoder``, data parallel over the local devices; the prepare mode
+    builds it, sgt_jax/train/prepare_latents.py). Images of equal size within a block are encoded together,
+    ``batch_size`` at a time. Batches never span blocks, so the statistics do not depend on how many
     shards ran. Bad samples are skipped and counted.
     """
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    from sgt_jax.data.bad_data import SkipCounter
-
     out_dir = out_dir or workdir
     os.makedirs(out_dir, exist_ok=True)
     n_blocks, read, decode = _blocks(config, workdir, source, records_per_shard)
@@ -236,7 +164,6 @@ def cache_latents(config, workdir: str, *, vae=None, source=None, out_dir: str |
         if os.path.exists(path):
             raise FileExistsError(f"latent cache {path!r} exists; remove it or use another folder")
     tfm = Transforms.from_config(config)
-    encode = make_encoder(vae if vae is not None else load_vae(config), int(config.model.latent_patch_size))
     latent_dim = int(config.model.latent_patch_size) ** 2 * int(config.model.vae.z_channels)
     blocks = {}
     for k in mine:
@@ -286,8 +213,6 @@ def _shard_name(k: int, n: int) -> str:
 def merge_latent_parts(out_dir: str) -> dict | None:
     """Writes ``latents_index.json`` from the parts in ``out_dir`` (None while parts are missing); returns the
     report ``{"written", "shards", "skipped"}``."""
-    from sgt_jax.data.bad_data import SkipCounter
-
     parts = prepare_shards.read_parts(out_dir, PART_STEM)
     if parts is None:
         return None

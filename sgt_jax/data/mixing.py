@@ -1,4 +1,5 @@
-"""Mixing seg and VQA samples into the packs of one batch with an explicit quota (sgt_recipe.md §2.3, §6.2).
+"""Mixing seg and VQA samples into the packs of one batch with an explicit quota (the paper's 2:1 seg:VQA
+ratio, which song2yu/SGT's BAGEL data code does not enforce).
 
 The released BAGEL code does not enforce the paper's 2:1 seg:VQA ratio (its weighted sampler realises about
 0.3:1). Here every batch gets an explicit quota (``config.data.quota``), and the samples are chosen from a

@@ -16,8 +16,8 @@
   them with ``--config.data.sources.seg.kind=prepared --config.data.sources.seg.root=<workdir>`` (same for vqa).
 * ``config.data.sources.prepare_workers`` > 0 decodes in that many threads (order is kept; Pillow's JPEG/PNG
   codecs and zlib release the GIL, so threads scale on the image work without process start-up cost).
-* If ``config.data.latents == "cached"``, ``sgt_jax.data.latent_cache.cache_latents(config, workdir)``
-  (sgt_jax/data/latent_cache.py) then stores the targets' VAE posterior statistics.
+* If ``config.data.latents == "cached"``, the mode (sgt_jax/train/prepare_latents.py, which runs this
+  module) then stores the targets' VAE posterior statistics (sgt_jax/data/latent_cache.py).
 * Pod scale: every host prepares its own blocks (``jax.distributed``, or ``--config.prepare.shard=i/n``) and one
   merge writes the report and the latent index; the files equal a single process's
   (sgt_jax/data/prepare_shards.py).
@@ -111,16 +111,6 @@ def prepare_family(src, out_dir: str, family: str, proxy_task: str, records_per_
     return dict(out, n_blocks=n_blocks, blocks=blocks)
 
 
-def _cache_latents(config, workdir: str, shard: tuple[int, int]):
-    """Calls engineer D2's latent cache builder on this shard's freshly written seg shards."""
-    try:
-        from sgt_jax.data.latent_cache import cache_latents
-    except ImportError as err:
-        raise RuntimeError("config.data.latents == 'cached' but sgt_jax.data.latent_cache.cache_latents is not "
-                           f"available ({err}); prepare with --config.data.latents=online to skip latents") from None
-    return cache_latents(config, workdir, shard=shard, merge=False)
-
-
 class PrepareError(ValueError):
     """A family wrote no sample at all (the CLI prints the one-line message and exits with status 1)."""
 
@@ -139,16 +129,11 @@ def check_written(report: dict) -> None:
         raise PrepareError(f"prepare: {'; '.join(empty)}. Report: {report['workdir']}/{REPORT_NAME}")
 
 
-def run(config, args) -> None:
-    """The CLI entry (sgt_jax/main.py): ``args.workdir`` and ``args.source`` (ModeArgs). Returns None (absl
-    would print and exit 1 on a returned value); raises PrepareError (exit status 1) when a family wrote
-    nothing."""
-    check_written(prepare(config, args.workdir, args.source))
-
-
-def prepare(config, workdir: str, source: str | None = None) -> dict:
+def prepare(config, workdir: str, source: str | None = None, *, cache_latents=None) -> dict:
     """The prepare mode (see module doc). Returns the report it writes to ``<workdir>/prepare_report.json``
-    (a shard that does not merge returns its part)."""
+    (a shard that does not merge returns its part). ``cache_latents(config, workdir, shard)`` computes this
+    shard's latents when ``config.data.latents == "cached"``; the mode (sgt_jax/train/prepare_latents.py)
+    passes it, since the data package builds no model."""
     os.makedirs(workdir, exist_ok=True)
     index, count, mode = prepare_shards.parse_shard(config)
     if mode == "merge":
@@ -160,9 +145,9 @@ def prepare(config, workdir: str, source: str | None = None) -> dict:
     if os.path.exists(os.path.join(workdir, REPORT_NAME)):
         raise FileExistsError(f"prepare: {os.path.join(workdir, REPORT_NAME)} exists; use an empty --workdir")
     srcs_cfg = config.data.sources
-    per_shard = int(srcs_cfg.get("records_per_shard", 2048))
-    workers = int(srcs_cfg.get("prepare_workers", 0))
-    proxy_task = config.data.get("proxy_task", "segmentation")
+    per_shard = int(srcs_cfg.records_per_shard)
+    workers = int(srcs_cfg.prepare_workers)
+    proxy_task = config.data.proxy_task
     part = {"proxy_task": proxy_task, "source_root": source, "workdir": os.path.abspath(workdir), "shard": list(shard),
             "families": {}}
     builders = {"seg": sources_mod.build_seg_source, "vqa": sources_mod.build_vqa_source}
@@ -182,8 +167,11 @@ def prepare(config, workdir: str, source: str | None = None) -> dict:
         part["families"][family] = fam  # this shard's counts (report-shaped) + the per-block counts to merge
         log.info("prepare %s (shard %d/%d): read %d, wrote %d in %d shards", family, index, count, fam["read"],
                  fam["written"], len(fam["blocks"]))
-    if config.data.get("latents", "online") == "cached" or config.data.get("cache_latents", False):
-        part["latents"] = _cache_latents(config, workdir, shard)
+    if config.data.latents == "cached":
+        if cache_latents is None:
+            raise ValueError("config.data.latents='cached' needs the VAE: run --mode prepare (sgt_jax/train/"
+                             "prepare_latents.py), or prepare with --config.data.latents=online")
+        part["latents"] = cache_latents(config, workdir, shard)
     prepare_shards.write_json(os.path.join(workdir, prepare_shards.part_name(shard)), part)
     # one process, or "i/n" (whoever finds every part merges), or jax.distributed: process 0 after a barrier
     if mode == "jax":

@@ -34,7 +34,7 @@ def parse_shard(config) -> tuple[int, int, str]:
     """``(index, count, mode)`` of this process, mode "single", "jax" (jax.distributed), "manual" ("i/n") or
     "merge" (see module doc). Initialises ``jax.distributed`` when the config/environment describe several
     processes."""
-    spec = str(config.get("prepare", {}).get("shard", "") or "").strip()
+    spec = str(config.prepare.shard).strip()
     if spec == "merge":
         return 0, 1, "merge"
     if spec:

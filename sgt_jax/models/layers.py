@@ -1,5 +1,5 @@
 """Small building blocks shared by the BAGEL model: parameters with logical axis names, Dense, Embed,
-RMSNorm, SwiGLU MLP, rotate-half RoPE and tanh-GELU (specs/bagel.md §1.2, §1.5).
+RMSNorm, SwiGLU MLP, rotate-half RoPE and tanh-GELU (Qwen2, transformers `models/qwen2/modeling_qwen2.py`).
 
 Why our own Dense instead of ``nnx.Linear``: attention projections keep the head axes as real array
 axes (kernel ``(embed, q_heads, head_dim)``), so the rules table can shard heads without reshapes, and

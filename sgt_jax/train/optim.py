@@ -1,4 +1,4 @@
-"""Optimizer, learning-rate schedule and EMA (specs/sgt_recipe.md §3.1, specs/bagel.md §5).
+"""Optimizer, learning-rate schedule and EMA (song2yu/SGT `BAGEL/shells/train_sgt.sh`, ByteDance-Seed/Bagel `train/pretrain_unified_navit.py`).
 
 AdamW (b1 0.9, b2 0.95, eps 1e-15, weight decay 0) after a global-L2-norm clip of 1.0; learning rate
 linear warm-up from 0 then constant (SGT) or cosine to ``min_lr``. The optimizer sees only the

@@ -45,7 +45,7 @@ def make_step_fn(config, spec: StateSpec, mesh: Mesh | None = None) -> Callable:
     train_cfg, model_cfg = config.train, config.model
     rules = parallel.logical_rules(config) if mesh is not None else None
     num_images = int(config.data.pack.vae_images)
-    decay = float(train_cfg.get("ema_decay", 0.0))
+    decay = float(train_cfg.ema_decay)
     ema_device = None
     if spec.use_ema:
         ema_device = jax.tree.map(lambda s: s.with_memory_kind("device") if s.memory_kind == "pinned_host" else None,

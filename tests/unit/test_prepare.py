@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from sgt_jax.data import prepare, sources
-from sgt_jax.main import ModeArgs
+from sgt_jax.mode_args import ModeArgs
+from sgt_jax.train import prepare_latents
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -64,7 +65,7 @@ def _config(tiny_config):
 def test_prepare_report_and_readback(tiny_config, raw_root, tmp_path):
     cfg = _config(tiny_config)
     out = tmp_path / "prep"
-    prepare.run(cfg, ModeArgs(workdir=str(out), source=str(raw_root)))
+    prepare_latents.run(cfg, ModeArgs(workdir=str(out), source=str(raw_root)))
     rep = json.loads((out / prepare.REPORT_NAME).read_text())
     seg, vqa = rep["families"]["seg"], rep["families"]["vqa"]
     assert (seg["read"], seg["written"], seg["skipped_total"]) == (5, 3, 2)
@@ -159,14 +160,14 @@ def test_two_shards_then_merge_equal_one_process(tiny_config, raw_root, tmp_path
     _random_vae_folder(cfg, str(tmp_path / "bagel"))
     cfg.checkpoint.init_from = str(tmp_path / "bagel")
     one, two = tmp_path / "one", tmp_path / "two"
-    prepare.prepare(cfg, str(one), str(raw_root))
+    prepare_latents.prepare_all(cfg, str(one), str(raw_root))
     cfg.prepare.shard = "0/2"
-    part = prepare.prepare(cfg, str(two), str(raw_root))
+    part = prepare_latents.prepare_all(cfg, str(two), str(raw_root))
     assert part["shard"] == [0, 2] and not (two / prepare.REPORT_NAME).exists()  # 1/2 has not run yet
     assert sorted(part["families"]["seg"]["blocks"]) == ["0", "2"]  # records 0-1 and 4 (s4 has no mask)
     assert (part["families"]["seg"]["read"], part["families"]["seg"]["written"]) == (3, 2)  # this shard's counts
     cfg.prepare.shard = "1/2"
-    prepare.prepare(cfg, str(two), str(raw_root))  # finds both parts: merges
+    prepare_latents.prepare_all(cfg, str(two), str(raw_root))  # finds both parts: merges
     files_one, rep_one = _outputs(one)
     files_two, rep_two = _outputs(two)
     assert sorted(files_one) == sorted(files_two)

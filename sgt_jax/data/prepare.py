@@ -34,6 +34,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from tqdm import tqdm
 
 from sgt_jax.data import prepare_shards
+from sgt_jax.data.latent_cache import merge_latent_parts
 from sgt_jax.data import sources as sources_mod
 from sgt_jax.data.arrayrecord_io import WRITER_OPTIONS, pack_record, shard_name
 from sgt_jax.data.bad_data import SkipCounter
@@ -137,7 +138,7 @@ def prepare(config, workdir: str, source: str | None = None, *, cache_latents=No
     os.makedirs(workdir, exist_ok=True)
     index, count, mode = prepare_shards.parse_shard(config)
     if mode == "merge":
-        report = prepare_shards.merge_reports(workdir)
+        report = prepare_shards.merge_reports(workdir, merge_latent_parts)
         if report is None:
             raise FileNotFoundError(f"prepare: {workdir!r} does not hold every part of a sharded prepare yet")
         return report
@@ -176,7 +177,7 @@ def prepare(config, workdir: str, source: str | None = None, *, cache_latents=No
     # one process, or "i/n" (whoever finds every part merges), or jax.distributed: process 0 after a barrier
     if mode == "jax":
         prepare_shards.barrier("sgt_prepare_parts_written")
-    report = prepare_shards.merge_reports(workdir) if mode != "jax" or index == 0 else None
+    report = prepare_shards.merge_reports(workdir, merge_latent_parts) if mode != "jax" or index == 0 else None
     if mode == "jax":
         prepare_shards.barrier("sgt_prepare_merged")
     if report is None:

@@ -24,7 +24,9 @@ import glob
 import json
 import os
 import re
+from typing import Callable
 
+from sgt_jax.data.arrayrecord_io import shard_name
 from sgt_jax.data.bad_data import SkipCounter
 
 REPORT_NAME = "prepare_report.json"
@@ -131,11 +133,11 @@ def family_report(source: str, kind: str, n_blocks: int, blocks: dict[int, dict]
     return family_summary(source, kind, blocks, shard_names, seconds)
 
 
-def merge_reports(workdir: str) -> dict | None:
-    """Writes ``prepare_report.json`` (and the latent index) from the parts in ``workdir``; returns the report, or
-    None while parts are missing. Seconds are summed over shards (CPU time, not wall time)."""
-    from sgt_jax.data.arrayrecord_io import shard_name
-
+def merge_reports(workdir: str, merge_latents: Callable[[str], dict] | None = None) -> dict | None:
+    """Writes ``prepare_report.json`` from the parts in ``workdir``, and the latent index through ``merge_latents``
+    (``latent_cache.merge_latent_parts``; passed in so that this module stays below the latent cache) when a part
+    has latents; returns the report, or None while parts are missing. Seconds are summed over shards (CPU time,
+    not wall time)."""
     parts = read_parts(workdir)
     if parts is None:
         return None
@@ -150,9 +152,9 @@ def merge_reports(workdir: str) -> dict | None:
             fam["source"], fam["kind"], n, blocks, [shard_name(family, k, n) for k in range(n)],
             sum(p["families"][family]["seconds"] for p in parts))
     if any("latents" in p for p in parts):
-        from sgt_jax.data.latent_cache import merge_latent_parts
-
-        report["latents"] = merge_latent_parts(workdir)
+        if merge_latents is None:
+            raise ValueError("prepare: the parts hold latents but no latent merge was given")
+        report["latents"] = merge_latents(workdir)
     write_json(os.path.join(workdir, REPORT_NAME), report)
     return report
 

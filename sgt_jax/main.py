@@ -4,8 +4,8 @@
 
 Modes (each lives in its own module; this file only parses flags and dispatches):
   train       SGT training (default)                                  sgt_jax/train/loop.py
-  import      BAGEL PyTorch folder -> sharded Orbax checkpoint         sgt_jax/checkpoint/convert.py
-  export      Orbax checkpoint -> BAGEL PyTorch folder                 sgt_jax/checkpoint/convert.py
+  import      BAGEL or OmniGen2 folder -> sharded Orbax checkpoint     sgt_jax/checkpoint/convert.py
+  export      Orbax checkpoint -> BAGEL / OmniGen2 PyTorch folder      sgt_jax/checkpoint/convert.py
   compile     AOT-compile the train step for a TPU topology (no TPU)   sgt_jax/compile.py
   prepare     raw data -> ArrayRecord shards (+ cached VAE latents)    sgt_jax/data/prepare.py
   understand  image(s) + question -> answer                            sgt_jax/sampling/cli.py
@@ -41,7 +41,7 @@ _CONFIG = config_flags.DEFINE_config_file(
     "Override any field with --config.section.field=value.", lock_config=True)
 _MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to do (see the module docstring above).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, outputs.")
-_SOURCE = flags.DEFINE_string("source", None, "import: BAGEL PyTorch folder to read. prepare: raw data root.")
+_SOURCE = flags.DEFINE_string("source", None, "import: BAGEL or OmniGen2 PyTorch folder to read (the family is recognised from the layout). prepare: raw data root.")
 _DEST = flags.DEFINE_string("dest", None, "export: folder to write the PyTorch checkpoint into.")
 _PROMPT = flags.DEFINE_string("prompt", None, "understand/generate/segment: the text prompt or instruction.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "understand/generate/segment: input image path(s).")

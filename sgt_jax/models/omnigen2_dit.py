@@ -271,7 +271,7 @@ class OmniGen2DiT(nnx.Module):
                              f"clip the condition with mllm_condition(max_len=...)")
         text_mask = text_mask.astype(bool)
         text_ids, ref_ids, x_ids = inputs.omni_rope_ids(text_mask, x_hw, n, ref_hw, m)
-        _, _, x_valid = inputs._grid_ids(x_hw, n)
+        _, _, x_valid = inputs.grid_ids(x_hw, n)
 
         temb = self.embed_time(t)
         cap = self.caption_proj(self.caption_norm(text.astype(self.dtype)))
@@ -284,7 +284,7 @@ class OmniGen2DiT(nnx.Module):
 
         parts, cos, sin, valid = [cap], [cap_cos], [cap_sin], [text_mask]
         if ref_tokens is not None:
-            _, _, ref_valid = inputs._grid_ids(ref_hw, m)  # [B, R, M]
+            _, _, ref_valid = inputs.grid_ids(ref_hw, m)  # [B, R, M]
             y = self.ref_image_patch_embedder(ref_tokens)
             y = y + self.image_index_embedding[...][:r].astype(y.dtype)[None, :, None, :]
             r_cos, r_sin = self._rope(ref_ids)

@@ -75,7 +75,7 @@ def apply_rope_interleaved(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.
 # ---- position ids ---------------------------------------------------------------------------------
 
 
-def _grid_ids(hw: jax.Array, n: int):
+def grid_ids(hw: jax.Array, n: int):
     """Row and column of tokens ``0..n-1`` in a row-major grid ``hw [..., 2]`` -> ``[..., n]`` each, and the
     validity ``[..., n]`` (token index < h·w)."""
     j = jnp.arange(n, dtype=jnp.int32)
@@ -100,12 +100,12 @@ def omni_rope_ids(text_mask: jax.Array, x_hw: jax.Array, num_x: int, ref_hw: jax
     shift = cap
     ref_ids = None
     if ref_hw is not None:
-        row, col, _ = _grid_ids(ref_hw, num_ref)  # [B, R, M]
+        row, col, _ = grid_ids(ref_hw, num_ref)  # [B, R, M]
         sizes = jnp.max(ref_hw, axis=-1)  # [B, R]
         starts = shift[:, None] + jnp.cumsum(sizes, axis=1) - sizes
         ref_ids = jnp.stack([jnp.broadcast_to(starts[..., None], row.shape), row, col], axis=-1)
         shift = shift + jnp.sum(sizes, axis=1)
-    row, col, _ = _grid_ids(x_hw, num_x)
+    row, col, _ = grid_ids(x_hw, num_x)
     x_ids = jnp.stack([jnp.broadcast_to(shift[:, None], row.shape), row, col], axis=-1)
     return text_ids, ref_ids, x_ids
 

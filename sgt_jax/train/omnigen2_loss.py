@@ -58,7 +58,7 @@ def flow_loss(velocity_fn, x1, x_hw, key, *, time_dtype="bfloat16"):
     x_t = tf * x1 + (1.0 - tf) * x0
     target = x1 - x0
     v = velocity_fn(x_t.astype(x1.dtype), t)
-    valid = inputs._grid_ids(x_hw, x1.shape[1])[2][..., None]  # [B, N, 1]
+    valid = inputs.grid_ids(x_hw, x1.shape[1])[2][..., None]  # [B, N, 1]
     err = jnp.where(valid, jnp.square(v.astype(jnp.float32) - target.astype(jnp.float32)), 0.0)
     sse = jnp.sum(err, axis=(1, 2))
     count = jnp.sum(valid) * x1.shape[-1]

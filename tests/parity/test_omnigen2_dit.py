@@ -129,5 +129,5 @@ def test_remat_chunked_equal_dense(models):
     args = (x_tok, x_hw, jnp.asarray([0.2, 0.6]), text, mask, r_tok, r_hw)
     a = FORWARD(model, *args)
     b = FORWARD(model2, *args)
-    valid = np.asarray(inputs._grid_ids(jnp.asarray(x_hw), x_tok.shape[1])[2])
+    valid = np.asarray(inputs.grid_ids(jnp.asarray(x_hw), x_tok.shape[1])[2])
     np.testing.assert_allclose(np.asarray(a)[valid], np.asarray(b)[valid], atol=1e-5)

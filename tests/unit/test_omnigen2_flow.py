@@ -117,10 +117,7 @@ def test_loss_matches_formula(model):
         return loss_lib.flow_loss(lambda xt, t: m(xt, hw, t, text, mask, *refs), jnp.asarray(x1),
                                   jnp.asarray(hw), key)
 
-    (got, aux), grads = nnx.jit(nnx.value_and_grad(loss, has_aux=True))(model)
-    for stack in ("noise_refiner", "context_refiner", "layers"):  # the training path differentiates
-        g = np.asarray(getattr(grads, stack).to_q.kernel[...])
-        assert np.isfinite(g).all() and np.abs(g).max() > 0, stack
+    got, aux = nnx.jit(loss)(model)
     fn = lambda xt, t: CALL(model, xt, hw, t, text, mask, *refs)  # noqa: E731
 
     # reference with the same random draws

@@ -134,14 +134,18 @@ def _data_pipeline(c, variant):
     d.tokenizer = "synthetic" if tiny else ""
     d.packs_per_batch = 2 if tiny else 8  # GLOBAL packs per step (each process makes packs_per_batch // processes)
     # Static budgets per pack: U und tokens (text, markers, ViT), Z gen (latent) tokens, P ViT patches,
-    # L CE labels, NI VAE image slots. 7b: 16k tokens per pack per chip (the paper's expected_num_tokens).
+    # L CE labels, NI VAE image slots. 7b: 18k tokens per pack per chip, >= 90 % filled by the 2:1 mix, so a
+    # pack holds about the ~16.4k+ real tokens of an official pack (bench/results/packing.md).
     d.pack = ml_collections.ConfigDict(
         dict(und_tokens=256, gen_tokens=256, vit_patches=128, ce_labels=64, vae_images=4) if tiny else
-        dict(und_tokens=6144, gen_tokens=10240, vit_patches=6144, ce_labels=4096, vae_images=8)
+        dict(und_tokens=6656, gen_tokens=11776, vit_patches=6144, ce_labels=4096, vae_images=8)
     )
     # Explicit seg:VQA quota per global batch. mode "samples": every batch holds exactly seg:vqa samples in
     # that ratio (whole groups of seg+vqa samples); "tokens": the ratio of their tokens, greedily tracked.
     d.quota = ml_collections.ConfigDict(dict(mode="samples", seg=2, vqa=1))
+    # Candidate samples per group that the packer chooses from (best fit, sgt_jax/data/mixing.py); part of the
+    # checkpointed iterator state. 1 = arrival order.
+    d.pack_buffer = 4 if tiny else 64
     d.text_cond_dropout = 0.1  # SGT plan: the instruction split is dropped with this p (no RoPE advance)
     # ImageTransform (max, min, stride); vlm_max_pixels is shared by the images of one VQA sample.
     d.transforms = ml_collections.ConfigDict(
@@ -179,6 +183,10 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     c.data.mask_size_mismatch = "skip"
     c.data.sources = _data_sources(variant)
     _data_pipeline(c, variant)  # -- data pipeline keys (sgt_jax/data pipeline, docs/data_pipeline.md) --
+    # ---- --mode prepare at pod scale (sgt_jax/data/prepare_shards.py) ----
+    # "": one process, or every process of a jax.distributed job its own slice; "i/n": shard i of n on
+    # separate machines (the last to finish merges); "merge": only merge the parts in --workdir.
+    c.prepare = ml_collections.ConfigDict(dict(shard=""))
 
     # ---- train / optim (sgt_jax/train) ----
     c.train = ml_collections.ConfigDict()

@@ -15,9 +15,9 @@ optional ``processor/`` and ``model_index.json``.
 * ``export_folder`` writes ``transformer/`` back with the source's exact keys, shapes, dtypes and shard
   files, ``vae/`` in diffusers naming with the source's keys and dtypes, and copies the other subfolders.
 
-The MLLM (``mllm/``) is converted by ``import_qwen2_5_vl`` / ``export_qwen2_5_vl`` of the Qwen2.5-VL
-port; the two places are marked ``MLLM HOOK`` below. Until they are wired, import records that
-``mllm/`` was not imported and export copies the source's ``mllm/`` unchanged.
+The MLLM (``mllm/``) is to be converted by ``import_qwen2_5_vl`` / ``export_qwen2_5_vl``
+(sgt_jax/checkpoint/qwen2_5_vl_folder.py) at the two places marked ``MLLM HOOK`` below. Until they are
+wired, import records that ``mllm/`` was not imported and export copies the source's ``mllm/`` unchanged.
 """
 
 from __future__ import annotations
@@ -242,8 +242,8 @@ def import_folder(source: str, config=None, mesh=None, rules=None):
     with MultiFileReader([fold.vae_path]) as reader:  # small and fixed-size: converted in memory
         vae_sd = {k: reader.read(k) for k in sorted(reader.keys())}
     params["vae"] = streaming.place_numpy(vision_tables.vae_state_dict_to_params(vae_sd, cfg_vae), abstract["vae"])
-    # MLLM HOOK (import): params["mllm"], mllm_meta = import_qwen2_5_vl(os.path.join(source, "mllm"), config, mesh)
-    # from the Qwen2.5-VL port goes here once both branches are merged.
+    # MLLM HOOK (import): params["mllm"], cfg_mllm, mllm_meta = qwen2_5_vl_folder.import_qwen2_5_vl(
+    #     os.path.join(source, "mllm"), config, mesh, rules) goes here (not wired yet; see docs/omnigen2.md).
     log.warning("%s: mllm/ is not imported yet (the Qwen2.5-VL import is wired separately)", source)
     meta = {
         "format": "sgt_jax.params/1",

@@ -4,8 +4,8 @@
 
 Modes (each lives in its own module; this file only parses flags and dispatches):
   train       SGT training (default)                                  sgt_jax/train/loop.py
-  import      BAGEL PyTorch folder -> sharded Orbax checkpoint         sgt_jax/checkpoint/convert.py
-  export      Orbax checkpoint -> BAGEL PyTorch folder                 sgt_jax/checkpoint/convert.py
+  import      BAGEL or OmniGen2 folder -> sharded Orbax checkpoint     sgt_jax/checkpoint/convert.py
+  export      Orbax checkpoint -> BAGEL / OmniGen2 PyTorch folder      sgt_jax/checkpoint/convert.py
   compile     AOT-compile the train step for a TPU topology (no TPU)   sgt_jax/compile.py
   prepare     raw data -> ArrayRecord shards (+ cached VAE latents)    sgt_jax/train/prepare_latents.py
   understand  image(s) + question -> answer                            sgt_jax/sampling/cli.py
@@ -64,8 +64,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 flags.FLAGS["config"].parser = _ConfigParser("config", lock_config=True)
 _MODE = flags.DEFINE_enum(
     "mode", "train", list(MODES),
-    "What to do: train (SGT training), import (BAGEL PyTorch folder -> params), export (params or checkpoint -> "
-    "BAGEL folder), compile (AOT for a TPU topology, no TPU needed), prepare (raw data -> shards, + cached "
+    "What to do: train (SGT training), import (BAGEL or OmniGen2 PyTorch folder -> params), export (params or "
+    "checkpoint -> BAGEL / OmniGen2 folder), compile (AOT for a TPU topology, no TPU needed), prepare (raw data -> shards, + cached "
     "latents), understand (image + question -> answer), generate (text [+ image] -> image), segment "
     "(segmentation by generation + mIoU), evaluate (what --config.evaluate.kind says: mcq = multiple-choice "
     "accuracy (CV-Bench layout), geneval = GenEval image dump, probe = linear probe of ViT/LLM features, "
@@ -75,7 +75,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Required (except with --print_c
                                "checkpoints, metrics and outputs.")
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "Print the resolved config (every field with its "
                                   "value, overrides applied) and exit: find the --config.a.b=value you need.")
-_SOURCE = flags.DEFINE_string("source", None, "import: BAGEL PyTorch folder to read. prepare: raw data root.")
+_SOURCE = flags.DEFINE_string("source", None, "import: BAGEL or OmniGen2 PyTorch folder to read (the family is "
+                                  "recognised from the layout). prepare: raw data root.")
 _DEST = flags.DEFINE_string("dest", None, "export: folder to write the PyTorch checkpoint into.")
 _PROMPT = flags.DEFINE_string("prompt", None, "understand/generate/segment: the text prompt or instruction.")
 _IMAGE = flags.DEFINE_multi_string("image", [], "understand/generate/segment: input image path(s).")

@@ -248,7 +248,11 @@ def copy_tokenizer_files(source: str, workdir: str) -> list[str]:
 def run_import(config, args) -> int:
     """``--mode import``: BAGEL folder (``--source``) -> ``<workdir>/params`` + params_meta.json."""
     if not args.source:
-        raise ValueError("--mode import needs --source <BAGEL folder>")
+        raise ValueError("--mode import needs --source <BAGEL or OmniGen2 folder>")
+    from sgt_jax.checkpoint import omnigen2_folder
+
+    if omnigen2_folder.is_omnigen2_folder(args.source):  # the family is recognised from the layout
+        return run_import_omnigen2(config, args)
     params, cfg_model, meta = import_folder(args.source, config)
     os.makedirs(args.workdir, exist_ok=True)
     t0 = time.time()
@@ -260,6 +264,18 @@ def run_import(config, args) -> int:
     log.info("imported %s -> %s (read %.1f s, save %.1f s)", args.source, path, meta["import"]["seconds"],
              time.time() - t0)
     print(f"imported {args.source} -> {path}")
+    return 0
+
+
+def run_import_omnigen2(config, args) -> int:
+    """``--mode import`` of an OmniGen2 folder: transformer/ and vae/ -> ``<workdir>/params``
+    (``{"transformer", "vae"}``) + params_meta.json (sgt_jax/checkpoint/omnigen2_folder.py)."""
+    from sgt_jax.checkpoint import omnigen2_folder, store
+
+    params, _, _, meta = omnigen2_folder.import_folder(args.source, config)
+    os.makedirs(args.workdir, exist_ok=True)
+    path = store.save_params(args.workdir, params, meta)
+    print(f"imported {args.source} (transformer/, vae/; mllm/ not yet: see docs/omnigen2.md) -> {path}")
     return 0
 
 
@@ -428,7 +444,29 @@ def run_export(config, args) -> int:
     """``--mode export``: ``<workdir>/params`` (or a training checkpoint) -> BAGEL folder ``--dest``."""
     if not args.dest:
         raise ValueError("--mode export needs --dest <folder to write>")
+    if not _training_steps(args.workdir) and os.path.isfile(os.path.join(args.workdir, "params_meta.json")):
+        from sgt_jax.checkpoint import store
+
+        if store.read_params_meta(args.workdir).get("family") == "omnigen2":
+            return run_export_omnigen2(config, args)
     params, cfg_model, meta = load_workdir_params(config, args)
     export_folder(params, cfg_model, args.dest, meta)
+    print(f"exported {args.workdir} -> {args.dest}")
+    return 0
+
+
+def run_export_omnigen2(config, args) -> int:
+    """``--mode export`` of imported OmniGen2 params -> an OmniGen2 folder at ``--dest``."""
+    from sgt_jax.checkpoint import omnigen2_folder, store
+
+    meta = store.read_params_meta(args.workdir)
+    cfg_dit = ml_collections.ConfigDict(meta["model"]["dit"])
+    cfg_vae = ml_collections.ConfigDict(meta["model"]["vae"])
+    for c, keys in ((cfg_dit, ("axes_dim_rope", "axes_lens")), (cfg_vae, ("ch_mult",))):
+        for k in keys:
+            c[k] = tuple(c[k])
+    mesh, rules = _mesh_and_rules(config if config is not None and "mesh" in config else _default_config())
+    params = store.load_params(args.workdir, omnigen2_folder.abstract_params(cfg_dit, cfg_vae, mesh, rules))
+    omnigen2_folder.export_folder(params, cfg_dit, cfg_vae, args.dest, meta)
     print(f"exported {args.workdir} -> {args.dest}")
     return 0

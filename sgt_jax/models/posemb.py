@@ -66,13 +66,18 @@ def sincos_2d(pos_ids: jax.Array, grid: int, dim: int, table_dtype=jnp.float32) 
     return jnp.concatenate([table[pos_ids % grid], table[pos_ids // grid % grid]], axis=-1)
 
 
-def timestep_frequencies(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
-    """DiT sinusoidal features of ``t`` (in [0,1], NOT ×1000): ``concat(cos(t·f), sin(t·f))``, cos first."""
+def timestep_frequencies(t: jax.Array, dim: int = 256, max_period: float = 10000.0, scale: float = 1.0) -> jax.Array:
+    """DiT sinusoidal features ``concat(cos(a), sin(a))`` (cos first) with ``a = (t·f)·scale``.
+
+    BAGEL: t in [0,1] and ``scale`` 1 (NOT ×1000). OmniGen2: ``scale`` 1000, applied after the product
+    like diffusers' ``get_timestep_embedding`` (the order matters in fp32 at angles up to 1000 rad)."""
     if dim % 2:
         raise ValueError(f"timestep frequency dim must be even, got {dim}")
     half = dim // 2
     freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
     args = t.astype(jnp.float32)[..., None] * freqs
+    if scale != 1.0:
+        args = args * jnp.float32(scale)
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
 
@@ -82,11 +87,12 @@ class TimestepEmbedder(nnx.Module):
     (BAGEL names: ``time_embedder.mlp.0`` / ``time_embedder.mlp.2``.)
     """
 
-    def __init__(self, hidden: int, freq_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, hidden: int, freq_dim: int, *, dtype, param_dtype, rngs: nnx.Rngs, scale: float = 1.0):
         self.freq_dim = int(freq_dim)
+        self.scale = float(scale)
         kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.mlp_0 = Dense(freq_dim, hidden, (None, "mlp"), **kw)
         self.mlp_2 = Dense(hidden, hidden, ("mlp", "embed"), **kw)
 
     def __call__(self, t: jax.Array) -> jax.Array:
-        return self.mlp_2(jax.nn.silu(self.mlp_0(timestep_frequencies(t, self.freq_dim))))
+        return self.mlp_2(jax.nn.silu(self.mlp_0(timestep_frequencies(t, self.freq_dim, scale=self.scale))))

@@ -268,14 +268,14 @@ def run_import(config, args) -> int:
 
 
 def run_import_omnigen2(config, args) -> int:
-    """``--mode import`` of an OmniGen2 folder: transformer/ and vae/ -> ``<workdir>/params``
-    (``{"transformer", "vae"}``) + params_meta.json (sgt_jax/checkpoint/omnigen2_folder.py)."""
+    """``--mode import`` of an OmniGen2 folder: transformer/, vae/ and mllm/ -> ``<workdir>/params``
+    (``{"transformer", "vae", "mllm"}``) + params_meta.json (sgt_jax/checkpoint/omnigen2_folder.py)."""
     from sgt_jax.checkpoint import omnigen2_folder, store
 
     params, _, _, meta = omnigen2_folder.import_folder(args.source, config)
     os.makedirs(args.workdir, exist_ok=True)
     path = store.save_params(args.workdir, params, meta)
-    print(f"imported {args.source} (transformer/, vae/; mllm/ not yet: see docs/omnigen2.md) -> {path}")
+    print(f"imported {args.source} (transformer/, vae/, mllm/) -> {path}")
     return 0
 
 
@@ -460,13 +460,9 @@ def run_export_omnigen2(config, args) -> int:
     from sgt_jax.checkpoint import omnigen2_folder, store
 
     meta = store.read_params_meta(args.workdir)
-    cfg_dit = ml_collections.ConfigDict(meta["model"]["dit"])
-    cfg_vae = ml_collections.ConfigDict(meta["model"]["vae"])
-    for c, keys in ((cfg_dit, ("axes_dim_rope", "axes_lens")), (cfg_vae, ("ch_mult",))):
-        for k in keys:
-            c[k] = tuple(c[k])
+    cfg_dit, cfg_vae, cfg_mllm = omnigen2_folder.configs_from_meta(meta)
     mesh, rules = _mesh_and_rules(config if config is not None and "mesh" in config else _default_config())
-    params = store.load_params(args.workdir, omnigen2_folder.abstract_params(cfg_dit, cfg_vae, mesh, rules))
+    params = store.load_params(args.workdir, omnigen2_folder.abstract_params(cfg_dit, cfg_vae, cfg_mllm, mesh, rules))
     omnigen2_folder.export_folder(params, cfg_dit, cfg_vae, args.dest, meta)
     print(f"exported {args.workdir} -> {args.dest}")
     return 0

@@ -12,12 +12,12 @@ optional ``processor/`` and ``model_index.json``.
   unexpected / missing / mis-shaped keys, before any tensor is read.
 * ``import_folder`` fills the DiT slice by slice into sharded arrays (``streaming.fill_from_table`` over a
   ``MultiFileReader``) and converts the VAE through the FLUX VAE's diffusers-naming import.
+  ``mllm/`` (Qwen2.5-VL) goes through ``qwen2_5_vl_folder.import_qwen2_5_vl`` into ``params["mllm"]``;
+  its config.json and headers are checked by ``open_folder`` with the other subfolders.
 * ``export_folder`` writes ``transformer/`` back with the source's exact keys, shapes, dtypes and shard
-  files, ``vae/`` in diffusers naming with the source's keys and dtypes, and copies the other subfolders.
-
-The MLLM (``mllm/``) is to be converted by ``import_qwen2_5_vl`` / ``export_qwen2_5_vl``
-(sgt_jax/checkpoint/qwen2_5_vl_folder.py) at the two places marked ``MLLM HOOK`` below. Until they are
-wired, import records that ``mllm/`` was not imported and export copies the source's ``mllm/`` unchanged.
+  files, ``vae/`` in diffusers naming with the source's keys and dtypes, ``mllm/`` through
+  ``qwen2_5_vl_folder.export_qwen2_5_vl`` (the source's keys, dtypes and file split, its tokenizer /
+  processor / generation files copied), and copies the other subfolders and files.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import ml_collections
 import numpy as np
 
 from sgt_jax.checkpoint import omnigen2_table as table_lib
+from sgt_jax.checkpoint import qwen2_5_vl_folder as qwen_folder
 from sgt_jax.checkpoint import streaming, vision_tables
 from sgt_jax.checkpoint.folder import infer_vae
 from sgt_jax.checkpoint.safetensors_io import (MultiFileReader, StreamingWriter, TensorInfo, numpy_dtype,
@@ -76,6 +77,7 @@ class OmniGen2Folder:
     dit_file_of: dict[str, str]  # key -> file name
     vae_path: str
     vae_header: dict[str, TensorInfo]
+    mllm_layout: str  # the Qwen2.5-VL key layout of mllm/ ("legacy" / "current")
     extra: list[str] = field(default_factory=list)
 
 
@@ -146,9 +148,19 @@ def vae_config(vae_json: dict, header, problems: list[str], base=None) -> ml_col
     return c
 
 
-def open_folder(path: str, base_dit=None, base_vae=None) -> tuple[OmniGen2Folder, ml_collections.ConfigDict,
-                                                                    ml_collections.ConfigDict]:
-    """Read the configs and headers, infer and check everything; ``FolderError`` lists every problem."""
+def _check_mllm(path: str, base_mllm, problems: list[str]):
+    """``mllm/``'s config.json and headers checked (``qwen2_5_vl_folder``); its problems prefixed ``mllm/``."""
+    try:
+        return qwen_folder.check_folder(qwen_folder.open_folder(os.path.join(path, "mllm")), base_mllm)
+    except ConversionError as err:
+        problems.extend(f"mllm/{p}" if p.startswith(qwen_folder.CONFIG) else f"mllm/: {p}" for p in err.problems)
+        return None, None
+
+
+def open_folder(path: str, base_dit=None, base_vae=None, base_mllm=None) -> tuple[
+        OmniGen2Folder, ml_collections.ConfigDict, ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """Read the configs and headers, infer and check everything; ``FolderError`` lists every problem.
+    Returns ``(folder, cfg_dit, cfg_vae, cfg_mllm)``."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"OmniGen2 folder not found: {path}")
     problems = [f"missing subfolder: {s}/" for s in SUBFOLDERS if not os.path.isdir(os.path.join(path, s))]
@@ -190,11 +202,12 @@ def open_folder(path: str, base_dit=None, base_vae=None) -> tuple[OmniGen2Folder
         except ValueError as err:
             vae_problems.append(f"vae/{WEIGHTS}.safetensors: " + " ".join(str(err).split()))
     problems += vae_problems
+    cfg_mllm, mllm_layout = _check_mllm(path, base_mllm, problems)
     if problems:
         raise FolderError(problems, path)
-    extra = sorted(n for n in os.listdir(path) if n not in ("transformer", "vae") and not n.startswith("."))
-    fold = OmniGen2Folder(path, dit_json, vae_json, files, header, file_of, vae_path, vae_header, extra)
-    return fold, cfg_dit, cfg_vae
+    extra = sorted(n for n in os.listdir(path) if n not in ("transformer", "vae", "mllm") and not n.startswith("."))
+    fold = OmniGen2Folder(path, dit_json, vae_json, files, header, file_of, vae_path, vae_header, mllm_layout, extra)
+    return fold, cfg_dit, cfg_vae, cfg_mllm
 
 
 def _single_dtype(header) -> str:
@@ -202,36 +215,49 @@ def _single_dtype(header) -> str:
     return d[0] if len(d) == 1 else "mixed:" + ",".join(d)
 
 
-def abstract_params(cfg_dit, cfg_vae, mesh, rules) -> dict:
-    """``{"transformer": ..., "vae": ...}`` ShapeDtypeStructs with shardings; allocates nothing."""
+def abstract_params(cfg_dit, cfg_vae, cfg_mllm, mesh, rules) -> dict:
+    """``{"transformer", "vae", "mllm"}`` ShapeDtypeStructs with shardings; allocates nothing."""
     from flax import nnx
 
     from sgt_jax.models.flux_vae import FluxVAE
     from sgt_jax.models.omnigen2_dit import OmniGen2DiT
-    from sgt_jax.parallel.sharding import abstract_state_with_shardings
+    from sgt_jax.models.qwen2_5_vl import abstract_params as qwen_abstract_params
+    from sgt_jax.parallel.sharding import abstract_params_of
 
-    out = {}
-    for name, build in (("transformer", lambda: OmniGen2DiT(cfg_dit, rngs=nnx.Rngs(0))),
-                        ("vae", lambda: FluxVAE(cfg_vae, rngs=nnx.Rngs(0)))):
-        out[name] = abstract_state_with_shardings(build, mesh, rules, nnx.Param)[1].to_pure_dict()
-    return out
+    return {"transformer": abstract_params_of(lambda: OmniGen2DiT(cfg_dit, rngs=nnx.Rngs(0)), mesh=mesh, rules=rules),
+            "vae": abstract_params_of(lambda: FluxVAE(cfg_vae, rngs=nnx.Rngs(0)), mesh=mesh, rules=rules),
+            "mllm": qwen_abstract_params(cfg_mllm, mesh=mesh, rules=rules)}
+
+
+def configs_from_meta(meta) -> tuple[ml_collections.ConfigDict, ml_collections.ConfigDict, ml_collections.ConfigDict]:
+    """``(cfg_dit, cfg_vae, cfg_mllm)`` as recorded in params_meta.json by ``import_folder``."""
+    if not isinstance(meta.get("mllm"), dict):
+        raise ValueError("params_meta.json has no imported mllm/ (imported before the MLLM was converted): "
+                         "import the OmniGen2 folder again")
+    cfg_dit = ml_collections.ConfigDict(meta["model"]["dit"])
+    cfg_vae = ml_collections.ConfigDict(meta["model"]["vae"])
+    for c, keys in ((cfg_dit, ("axes_dim_rope", "axes_lens")), (cfg_vae, ("ch_mult",))):
+        for k in keys:
+            c[k] = tuple(c[k])
+    return cfg_dit, cfg_vae, qwen_folder.config_from_meta(meta["mllm"])
 
 
 def import_folder(source: str, config=None, mesh=None, rules=None):
-    """OmniGen2 folder -> ``(params, cfg_dit, cfg_vae, meta)``; ``params = {"transformer", "vae"}`` of
-    sharded jax.Arrays over ``mesh`` with the logical ``rules`` (default: ``config.mesh``)."""
+    """OmniGen2 folder -> ``(params, cfg_dit, cfg_vae, meta)``; ``params = {"transformer", "vae", "mllm"}``
+    of sharded jax.Arrays over ``mesh`` with the logical ``rules`` (default: ``config.mesh``). The MLLM's
+    config is ``configs_from_meta(meta)[2]`` (compute settings from ``config.model.mllm`` when present)."""
     import jax
 
     from sgt_jax.checkpoint.convert import _jsonable, _mesh_and_rules
 
-    base_dit = config.model.get("dit") if config is not None and "model" in config else None
-    base_vae = config.model.get("vae") if config is not None and "model" in config else None
-    fold, cfg_dit, cfg_vae = open_folder(source, base_dit, base_vae)  # every problem before any read
+    model = config.model if config is not None and "model" in config else {}
+    base_dit, base_vae, base_mllm = (model.get(k) for k in ("dit", "vae", "mllm"))
+    fold, cfg_dit, cfg_vae, cfg_mllm = open_folder(source, base_dit, base_vae, base_mllm)  # every problem first
     if mesh is None:
         from sgt_jax.checkpoint.convert import _default_config
 
         mesh, rules = _mesh_and_rules(config if config is not None and "mesh" in config else _default_config())
-    abstract = abstract_params(cfg_dit, cfg_vae, mesh, rules)
+    abstract = abstract_params(cfg_dit, cfg_vae, cfg_mllm, mesh, rules)
     table = table_lib.dit_table(cfg_dit)
     check_tree(table, abstract["transformer"], "the model's parameter tree")
     t0 = time.time()
@@ -242,9 +268,8 @@ def import_folder(source: str, config=None, mesh=None, rules=None):
     with MultiFileReader([fold.vae_path]) as reader:  # small and fixed-size: converted in memory
         vae_sd = {k: reader.read(k) for k in sorted(reader.keys())}
     params["vae"] = streaming.place_numpy(vision_tables.vae_state_dict_to_params(vae_sd, cfg_vae), abstract["vae"])
-    # MLLM HOOK (import): params["mllm"], cfg_mllm, mllm_meta = qwen2_5_vl_folder.import_qwen2_5_vl(
-    #     os.path.join(source, "mllm"), config, mesh, rules) goes here (not wired yet; see docs/omnigen2.md).
-    log.warning("%s: mllm/ is not imported yet (the Qwen2.5-VL import is wired separately)", source)
+    params["mllm"], _, mllm_meta = qwen_folder.import_qwen2_5_vl(os.path.join(source, "mllm"), config, mesh, rules,
+                                                                 base=base_mllm)
     meta = {
         "format": "sgt_jax.params/1",
         "family": "omnigen2",
@@ -256,8 +281,9 @@ def import_folder(source: str, config=None, mesh=None, rules=None):
                    "dit_dtypes": {k: v.dtype for k, v in fold.dit_header.items()},
                    "vae_keys": {k: [v.dtype, list(v.shape)] for k, v in fold.vae_header.items()},
                    "extra": fold.extra},
-        "mllm": "not imported (mllm/ is copied unchanged on export)",
+        "mllm": _jsonable(mllm_meta),  # config, key layout, per-key dtype and file, extra files (qwen2_5_vl_folder)
         "import": {"seconds": round(time.time() - t0, 3), "bytes_read_transformer": dit_bytes,
+                   "bytes_read_mllm": mllm_meta["bytes_read"],
                    "process_count": jax.process_count(), "devices": jax.device_count()},
     }
     return params, cfg_dit, cfg_vae, meta
@@ -265,11 +291,13 @@ def import_folder(source: str, config=None, mesh=None, rules=None):
 
 def export_folder(params, cfg_dit, cfg_vae, dest: str, meta) -> str:
     """Write ``params`` as an OmniGen2 folder at ``dest``: ``transformer/`` with the source's keys, dtypes
-    and shard files (bf16, one file, when unknown), ``vae/`` in diffusers naming, the other subfolders
-    copied from the source. Every process must call this; process 0 writes."""
+    and shard files (bf16, one file, when unknown), ``vae/`` in diffusers naming, ``mllm/`` through
+    ``export_qwen2_5_vl`` (config from ``meta["mllm"]``), the other subfolders and files copied from the
+    source. Every process must call this; process 0 writes."""
     import jax
 
     src = meta.get("source", {})
+    cfg_mllm = configs_from_meta(meta)[2]
     table = table_lib.dit_table(cfg_dit)
     check_tree(table, params["transformer"], "parameters to export")
     writer_proc = jax.process_index() == 0
@@ -291,6 +319,7 @@ def export_folder(params, cfg_dit, cfg_vae, dest: str, meta) -> str:
         with out as writer:  # a failed write removes the partial file
             streaming.write_table(table, params["transformer"], writer, lambda k: specs[k].dtype, only=set(fkeys))
     vae = jax.tree.map(streaming.to_host, dict(params["vae"]))
+    qwen_folder.export_qwen2_5_vl(params["mllm"], cfg_mllm, os.path.join(dest, "mllm"), meta["mllm"])
     if writer_proc:
         if len(by_file) > 1:
             total = sum(TensorInfo(dtypes.get(k, "BF16"), s).nbytes for k, s in keys.items())
@@ -321,11 +350,11 @@ def _write_vae(vae_params, cfg_vae, vdir: str, src) -> None:
 
 
 def _copy_rest(src, dest: str) -> None:
-    """scheduler/, mllm/ (MLLM HOOK (export): export_qwen2_5_vl writes it once wired), processor/ and
-    model_index.json from the source folder, when it still exists."""
+    """scheduler/, processor/, model_index.json (everything but transformer/, vae/, mllm/) from the source
+    folder, when it still exists."""
     path = src.get("path")
     if not path or not os.path.isdir(path):
-        log.warning("source folder %s is gone: copy scheduler/, mllm/ and processor/ by hand", path)
+        log.warning("source folder %s is gone: copy scheduler/ and processor/ by hand", path)
         return
     for name in src.get("extra", []):
         s, d = os.path.join(path, name), os.path.join(dest, name)

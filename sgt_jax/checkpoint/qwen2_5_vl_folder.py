@@ -184,15 +184,14 @@ def check_folder(fold: QwenFolder, base: ml_collections.ConfigDict | None = None
     return cfg, layout
 
 
-def abstract_params(cfg, mesh, rules) -> dict:
-    """ShapeDtypeStructs (with shardings) of ``Qwen2_5_VL(cfg)``'s parameters; allocates nothing."""
-    from flax import nnx
+def config_from_meta(meta: Mapping) -> ml_collections.ConfigDict:
+    """The model config recorded by ``import_qwen2_5_vl`` in its ``meta["model"]`` (JSON lists back to tuples)."""
+    def tuples(x):
+        if isinstance(x, Mapping):
+            return {k: tuples(v) for k, v in x.items()}
+        return tuple(tuples(v) for v in x) if isinstance(x, list) else x
 
-    from sgt_jax.models.qwen2_5_vl import Qwen2_5_VL
-    from sgt_jax.parallel.sharding import abstract_state_with_shardings
-
-    _, state, _ = abstract_state_with_shardings(lambda: Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)), mesh, rules, nnx.Param)
-    return state.to_pure_dict()
+    return ml_collections.ConfigDict(tuples(dict(meta["model"])))
 
 
 def _mesh_and_rules(config, mesh, rules):
@@ -217,8 +216,10 @@ def import_qwen2_5_vl(folder: str, config: ml_collections.ConfigDict | None = No
     if base is None and config is not None and "model" in config and "mllm" in config.model:
         base = config.model.mllm
     cfg, layout = check_folder(fold, base)  # every problem, before any tensor is read
+    from sgt_jax.models.qwen2_5_vl import abstract_params
+
     mesh, rules = _mesh_and_rules(config, mesh, rules)
-    abstract = abstract_params(cfg, mesh, rules)
+    abstract = abstract_params(cfg, mesh=mesh, rules=rules)
     table = qwen2_5_vl_table(cfg, layout)
     check_tree(table, abstract, "the model's parameter tree")
     params: dict = {}

@@ -24,7 +24,7 @@ from sgt_jax.models.posemb import TimestepEmbedder, sincos_2d
 from sgt_jax.models.qwen2_mot import Qwen2MoT
 from sgt_jax.models.siglip_navit import SiglipNaViT
 from sgt_jax.parallel.mesh import Rules
-from sgt_jax.parallel.sharding import abstract_with_shardings, state_shardings
+from sgt_jax.parallel.sharding import abstract_params_of
 
 KIND_PAD, KIND_TEXT, KIND_VIT, KIND_LATENT = 0, 1, 2, 3
 
@@ -137,11 +137,9 @@ def abstract_params(model_cfg, *, with_vae: bool = True, mesh: Mesh | None = Non
     """Nested dict of ``ShapeDtypeStruct`` matching ``nnx.state(model, nnx.Param).to_pure_dict()``.
 
     Given a ``mesh`` (and the logical ``rules``), every leaf carries the NamedSharding its logical axis names
-    map to: the target of a sharded restore, import or AOT compile. Allocates nothing."""
-    params = nnx.state(abstract_bagel(model_cfg, with_vae=with_vae), nnx.Param)
-    if mesh is None:
-        return params.to_pure_dict()
-    return abstract_with_shardings(params.to_pure_dict(), state_shardings(params, mesh, rules).to_pure_dict())
+    map to: the target of a sharded restore, import or AOT compile. Allocates nothing
+    (``parallel.sharding.abstract_params_of``)."""
+    return abstract_params_of(lambda: Bagel(model_cfg, rngs=nnx.Rngs(0), with_vae=with_vae), mesh=mesh, rules=rules)
 
 
 def count_params(tree) -> int:

@@ -46,6 +46,8 @@ from sgt_jax.models.layers import (Dense, Embed, RMSNorm, SwiGLU, apply_rope, ca
 from sgt_jax.models.qwen2_5_vl_vision import VisionTower
 from sgt_jax.models.qwen2_mot import KVCache
 from sgt_jax.models.remat import remat
+from sgt_jax.parallel.mesh import Rules
+from sgt_jax.parallel.sharding import abstract_params_of
 
 
 def config(variant: str = "3b") -> ml_collections.ConfigDict:
@@ -260,3 +262,9 @@ class Qwen2_5_VL(nnx.Module):
         h, kv = self.language_model(self.embed(tokens, vision, vision_index), positions, doc, order,
                                     kv_cache=kv_cache, return_kv=True)
         return self.logits(h), h, kv
+
+
+def abstract_params(cfg, *, mesh: jax.sharding.Mesh | None = None, rules: Rules = ()) -> dict:
+    """``Qwen2_5_VL(cfg)``'s parameters as a nested dict of ``ShapeDtypeStruct`` (sharded over ``mesh`` by
+    the logical ``rules`` when given); allocates nothing (``parallel.sharding.abstract_params_of``)."""
+    return abstract_params_of(lambda: Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)), mesh=mesh, rules=rules)

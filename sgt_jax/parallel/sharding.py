@@ -93,6 +93,17 @@ def abstract_state_with_shardings(build_fn: Callable[[], nnx.Module], mesh: Mesh
     return graphdef, tuple(abstract), tuple(shardings)
 
 
+def abstract_params_of(build_fn: Callable[[], nnx.Module], *, mesh: Mesh | None = None, rules: Rules = ()) -> dict:
+    """Nested dict of ``ShapeDtypeStruct`` matching ``nnx.state(build_fn(), nnx.Param).to_pure_dict()``; built
+    with ``nnx.eval_shape``, so nothing is allocated. Given a ``mesh`` (and the logical ``rules``), every leaf
+    carries the NamedSharding its logical axis names map to: the target of a sharded restore, import or AOT
+    compile. Each model's ``abstract_params`` (``models.bagel``, ``models.qwen2_5_vl``) is this."""
+    if mesh is None:
+        with nnx.use_eager_sharding(False):
+            return nnx.state(nnx.eval_shape(build_fn), nnx.Param).to_pure_dict()
+    return abstract_state_with_shardings(build_fn, mesh, rules, nnx.Param)[1].to_pure_dict()
+
+
 def init_sharded(build_fn: Callable[[], nnx.Module], mesh: Mesh, rules: Rules, *filters) -> tuple[nnx.GraphDef, Any]:
     """Materialise ``build_fn()`` directly in its shardings: each device computes only its own shard."""
     graphdef, _, shardings = abstract_state_with_shardings(build_fn, mesh, rules, *filters)

@@ -1,7 +1,8 @@
 """OmniGen2 folder import/export: a tiny random folder in the released layout (tests/fixtures/
-omnigen2_folder.py: sharded bf16 transformer/, diffusers vae/, scheduler/, a transformers Qwen2.5-VL mllm/,
-processor/) -> sharded params -> folder, bit-identical tensor by tensor; the VAE through the FLUX VAE's
-diffusers-naming import; bad folders refused before any tensor is read.
+omnigen2_folder.py: sharded bf16 transformer/, diffusers vae/, scheduler/, a transformers-saved bf16
+Qwen2.5-VL mllm/ in 3 shard files, processor/) -> sharded params -> folder, bit-identical tensor by tensor
+(transformer/, vae/ and mllm/); the VAE through the FLUX VAE's diffusers-naming import; bad folders (a
+broken mllm/config.json included) refused before any tensor is read.
 """
 
 import json
@@ -29,6 +30,12 @@ def folder(tmp_path_factory):
     return write_omnigen2_folder(str(tmp_path_factory.mktemp("og2") / "src"), shards=2)
 
 
+@pytest.fixture(scope="module")
+def imported(folder):
+    """One import of the fixture folder, shared by the tests that only read it."""
+    return og2.import_folder(folder)
+
+
 def _read_all(path):
     with safe_open(path, framework="numpy") as f:
         return {k: f.get_tensor(k) for k in f.keys()}, {k: v.dtype for k, v in sio.read_header(path).items()}
@@ -49,8 +56,21 @@ def test_fixture_keys_match_table(folder):
     assert expected_shapes(dit_table(cfg)) == dit_key_shapes(DIT_CONFIG)
 
 
-def test_import_export_round_trip_bit_identical(folder, tmp_path):
-    params, cfg_dit, cfg_vae, meta = og2.import_folder(folder)
+def _assert_same_tensors(src_dir, out_dir, index):
+    """Same keys, shard file of each key, dtypes and bits; the same index weight map."""
+    src, src_dtypes = _dir_tensors(src_dir)
+    out, out_dtypes = _dir_tensors(out_dir)
+    assert sorted(out) == sorted(src) and out_dtypes == src_dtypes
+    for k, (fname, v) in src.items():
+        assert out[k][0] == fname, k  # same shard file
+        assert out[k][1].dtype == v.dtype and out[k][1].shape == v.shape and np.array_equal(out[k][1], v), k
+    if index:
+        assert json.load(open(os.path.join(out_dir, index)))["weight_map"] == \
+            json.load(open(os.path.join(src_dir, index)))["weight_map"]
+
+
+def test_import_export_round_trip_bit_identical(folder, imported, tmp_path):
+    params, cfg_dit, cfg_vae, meta = imported
     # imported == the in-memory conversion of the same tensors
     src, src_dtypes = _dir_tensors(os.path.join(folder, "transformer"))
     want = state_dict_to_tree(dit_table(cfg_dit), {k: v[1] for k, v in src.items()})
@@ -60,24 +80,25 @@ def test_import_export_round_trip_bit_identical(folder, tmp_path):
             got = got[p]
         np.testing.assert_array_equal(np.asarray(got), arr)
     dest = og2.export_folder(params, cfg_dit, cfg_vae, str(tmp_path / "out"), meta)
-    out, out_dtypes = _dir_tensors(os.path.join(dest, "transformer"))
-    assert sorted(out) == sorted(src) and out_dtypes == src_dtypes
-    for k, (fname, v) in src.items():
-        assert out[k][0] == fname, k  # same shard file
-        assert out[k][1].dtype == v.dtype and np.array_equal(out[k][1], v), k
-    idx = "transformer/diffusion_pytorch_model.safetensors.index.json"
-    assert json.load(open(os.path.join(dest, idx)))["weight_map"] == json.load(open(os.path.join(folder, idx)))["weight_map"]
+    _assert_same_tensors(os.path.join(folder, "transformer"), os.path.join(dest, "transformer"),
+                         "diffusion_pytorch_model.safetensors.index.json")
     assert json.load(open(os.path.join(dest, "transformer/config.json"))) == DIT_CONFIG
     vsrc, vsrc_dt = _dir_tensors(os.path.join(folder, "vae"))
     vout, vout_dt = _dir_tensors(os.path.join(dest, "vae"))
     assert sorted(vsrc) == sorted(vout) and vsrc_dt == vout_dt
     for k in vsrc:
         assert np.array_equal(vsrc[k][1], vout[k][1]), k
-    for sub in ("scheduler/scheduler_config.json", "mllm/config.json", "processor/tokenizer.json", "model_index.json"):
-        assert os.path.isfile(os.path.join(dest, sub)), sub
+    # mllm/: through import_qwen2_5_vl / export_qwen2_5_vl, not copied: 3 bf16 shards + index as saved by transformers
+    assert meta["mllm"]["layout"] == "legacy" and len(set(meta["mllm"]["files"].values())) == 3
+    assert {tuple(sorted(params["mllm"]))} == {("language_model", "visual")}
+    _assert_same_tensors(os.path.join(folder, "mllm"), os.path.join(dest, "mllm"), "model.safetensors.index.json")
+    assert json.load(open(os.path.join(dest, "mllm/config.json"))) == json.load(open(os.path.join(folder, "mllm/config.json")))
+    for sub in ("scheduler/scheduler_config.json", "mllm/generation_config.json", "processor/tokenizer.json",
+                "model_index.json"):
+        assert open(os.path.join(dest, sub), "rb").read() == open(os.path.join(folder, sub), "rb").read(), sub
 
 
-def test_vae_through_the_flux_vae_import(folder):
+def test_vae_through_the_flux_vae_import(folder, imported):
     """vae/ (diffusers naming) lands in the FLUX VAE's tree exactly as the existing import converts the
     diffusers model's own state dict (whose posterior equals diffusers: tests/parity/test_flux_vae.py);
     the architecture, scale and shift come from vae/config.json."""
@@ -85,7 +106,7 @@ def test_vae_through_the_flux_vae_import(folder):
 
     from sgt_jax.checkpoint.vision_tables import vae_state_dict_to_params
 
-    params, _, cfg_vae, _ = og2.import_folder(folder)
+    params, _, cfg_vae, _ = imported
     hf = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"))
     want = vae_state_dict_to_params({k: v.numpy() for k, v in hf.state_dict().items()}, cfg_vae)
     got = flatten_paths(jax.tree.map(np.asarray, params["vae"]))
@@ -134,6 +155,28 @@ def test_config_disagreeing_with_tensors_refused(folder, tmp_path, monkeypatch):
     assert "vae/config.json gives z_channels=8, the tensors have 16" in msg
 
 
+def test_broken_mllm_config_refused(folder, tmp_path, monkeypatch):
+    """mllm/config.json is checked with the other subfolders, before any tensor (of any subfolder) is read."""
+    bad = _copy(folder, tmp_path)
+    path = os.path.join(bad, "mllm/config.json")
+    cfg = json.load(open(path))
+    cfg["text_config"]["num_hidden_layers"] = 3
+    del cfg["vision_config"]["depth"]
+    json.dump(cfg, open(path, "w"))
+    _no_reads(monkeypatch)
+    with pytest.raises(og2.FolderError) as err:
+        og2.import_folder(bad)
+    assert "mllm/config.json: vision_config.'depth' missing or not an integer" in str(err.value)
+    cfg["vision_config"]["depth"] = 2
+    json.dump(cfg, open(path, "w"))
+    with pytest.raises(og2.FolderError) as err:
+        og2.import_folder(bad)
+    assert "mllm/: missing in the safetensors: model.layers.2.self_attn.q_proj.weight" in str(err.value)
+    open(path, "w").write("{not json")
+    with pytest.raises(og2.FolderError, match="mllm/config.json is not valid JSON"):
+        og2.import_folder(bad)
+
+
 def test_cli_import_recognises_the_family(folder, tmp_path):
     from types import SimpleNamespace
 
@@ -143,8 +186,8 @@ def test_cli_import_recognises_the_family(folder, tmp_path):
     work = str(tmp_path / "work")
     convert.run_import(None, SimpleNamespace(source=folder, workdir=work))
     meta = store.read_params_meta(work)
-    assert meta["family"] == "omnigen2" and "not imported" in meta["mllm"]
+    assert meta["family"] == "omnigen2" and meta["mllm"]["layout"] == "legacy"
     convert.run_export(None, SimpleNamespace(workdir=work, dest=str(tmp_path / "out"), step=None, weights="ema"))
-    a, _ = _dir_tensors(os.path.join(folder, "transformer"))
-    b, _ = _dir_tensors(str(tmp_path / "out" / "transformer"))
-    assert all(np.array_equal(a[k][1], b[k][1]) for k in a)
+    # the restore target (abstract tree) includes the MLLM: mllm/ comes back from the Orbax params
+    _assert_same_tensors(os.path.join(folder, "transformer"), str(tmp_path / "out" / "transformer"), None)
+    _assert_same_tensors(os.path.join(folder, "mllm"), str(tmp_path / "out" / "mllm"), "model.safetensors.index.json")

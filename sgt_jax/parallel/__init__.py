@@ -7,6 +7,7 @@ Public API (used by train, checkpoint conversion, compile, sampling):
     constrain(x, names, rules, mesh)                       activation sharding constraint
     state_shardings(state, mesh, rules)                    nnx.State -> same tree of NamedShardings
     abstract_state_with_shardings(build_fn, mesh, rules, *filters) -> (graphdef, abstract, shardings)
+    abstract_params_of(build_fn, mesh=None, rules=()) -> param pure dict of (sharded) ShapeDtypeStructs
     init_sharded(build_fn, mesh, rules, *filters) -> (graphdef, state)
     check_sufficiently_sharded(tree, mesh, rules, tolerance)
     maybe_initialize(config), check_platform(config)
@@ -27,6 +28,7 @@ from sgt_jax.parallel.mesh import (
     resolve_mesh_shape,
 )
 from sgt_jax.parallel.sharding import (
+    abstract_params_of,
     abstract_state_with_shardings,
     abstract_with_shardings,
     check_sufficiently_sharded,
@@ -37,7 +39,7 @@ from sgt_jax.parallel.sharding import (
 )
 
 __all__ = [
-    "DEVICE_KEYS", "abstract_state_with_shardings", "abstract_with_shardings", "batch_axes", "batch_sharding",
+    "DEVICE_KEYS", "abstract_params_of", "abstract_state_with_shardings", "abstract_with_shardings", "batch_axes", "batch_sharding",
     "batch_shards", "check_platform", "check_sufficiently_sharded", "constrain", "device_part",
     "distributed_settings", "global_batch_shapes", "init_sharded", "logical_rules", "logical_to_spec",
     "make_mesh", "maybe_initialize", "named_sharding", "replicated_fraction", "resolve_mesh_shape",

@@ -6,7 +6,7 @@ Why: no process may ever hold the full model. The pattern (as in MaxText, AI-Hyp
   3. materialise with ``jax.jit(init, out_shardings=...)`` (each device computes only its own shard) or
      restore from a checkpoint straight into those shardings (abstract ShapeDtypeStruct targets).
 
-The conversion engineer shards imported weights with ``abstract_state_with_shardings``; the train step
+Imports and restores target ``abstract_params_of`` (each model's ``abstract_params`` is it); the train step
 uses ``state_shardings`` for its in/out shardings; ``replicated_fraction`` backs the startup check.
 """
 

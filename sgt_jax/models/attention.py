@@ -65,14 +65,18 @@ class TokenMeta(NamedTuple):
         return TokenMeta(*(jnp.concatenate([a, f], axis=1) for a, f in zip(self, (fill, fill, zero, zero))))
 
 
-def allowed(q: TokenMeta, k: TokenMeta) -> jax.Array:
-    """Boolean ``[B, Tq, Tk]``: may query i attend to key j (the §2.4 rule)."""
-    qd, qs, qm, qo = (a[:, :, None] for a in q)
-    kd, ks, km, ko = (a[:, None, :] for a in k)
+def rule(qd, qs, qm, qo, kd, ks, km, ko):
+    """The §2.4 rule on broadcastable query fields (doc, split, mode, order) and key fields: the one
+    definition that ``allowed`` and the Pallas kernel (sgt_jax/models/kernels) both evaluate."""
     same_split = qs == ks
     visible = (ko <= qo) | (same_split & (qm != CAUSAL))
     hidden_noise = (km == NOISE) & ~same_split
     return (qd >= 0) & (kd >= 0) & (qd == kd) & visible & ~hidden_noise
+
+
+def allowed(q: TokenMeta, k: TokenMeta) -> jax.Array:
+    """Boolean ``[B, Tq, Tk]``: may query i attend to key j (the §2.4 rule)."""
+    return rule(*(a[:, :, None] for a in q), *(a[:, None, :] for a in k))
 
 
 def _group(q: jax.Array, num_kv: int) -> jax.Array:

@@ -63,8 +63,12 @@ def _model_7b():
     m.param_dtype = "float32"  # master weights
     m.scan_layers = True
     m.remat_policy = "full"  # none | full | dots | dots_no_batch | qkv_out (sgt_jax/models/remat.py)
-    m.attention_impl = "chunked"  # "dense" (tests, small packs) or "chunked" (memory-lean, long packs)
+    # "auto": the Pallas kernel on TPU, "chunked" elsewhere; "pallas", "chunked" (XLA, memory-lean),
+    # "dense" (tests, small packs): docs/model.md, docs/attention_kernel.md
+    m.attention_impl = "auto"
     m.attention_chunk = 1024  # query/key block of "chunked" attention (H200, 16k tokens: docs/model.md)
+    m.attention_block_q = 512  # query / key block of the Pallas kernel (TPU: multiples of 8 / 128)
+    m.attention_block_kv = 512
     m.freeze_und = False  # True: stop gradients at the und expert (reference freeze_und, specs/bagel.md §1.3)
     return m
 

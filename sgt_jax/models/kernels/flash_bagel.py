@@ -339,10 +339,3 @@ def _round_up(n, m):
 
 def _pad_meta(meta: TokenMeta, mult: int) -> TokenMeta:
     return meta.pad((-meta.doc.shape[1]) % mult)
-
-
-def live_fraction(q_meta: TokenMeta, k_meta: TokenMeta, *, block_q: int, block_k: int) -> jax.Array:
-    """Fraction of (pack, query block, key block) pairs the kernel computes (for FLOP accounting)."""
-    tq, tk = q_meta.doc.shape[1], k_meta.doc.shape[1]
-    bq, bk = min(block_q, tq), min(block_k, tk)
-    return jnp.mean(block_liveness(_pad_meta(q_meta, bq), _pad_meta(k_meta, bk), bq, bk).astype(jnp.float32))

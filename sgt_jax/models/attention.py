@@ -228,11 +228,14 @@ def target_platform() -> str:
 
 
 def resolve_impl(impl: str) -> str:
-    """``auto`` -> ``pallas`` on TPU, ``chunked`` elsewhere; other names unchanged (checked)."""
+    """``auto`` -> ``pallas`` on TPU where the kernel can run (under the train step's ``shard_map``, or on
+    a single device), else ``chunked``; other names unchanged (checked). A multi-device program outside
+    the train step (sharded inference) keeps ``chunked``: XLA does not partition a Mosaic kernel."""
     if impl not in IMPLS:
         raise ValueError(f"unknown model.attention_impl {impl!r}; choose one of {IMPLS}")
     if impl == "auto":
-        return "pallas" if target_platform() == "tpu" else "chunked"
+        runnable = kernel_sharding() is not None or jax.device_count() == 1
+        return "pallas" if target_platform() == "tpu" and runnable else "chunked"
     return impl
 
 

@@ -132,3 +132,17 @@ def test_dispatch_and_bad_blocks():
         A.resolve_impl("flash")
     with pytest.raises(ValueError, match="multiple of 128"):
         K.flash_attention(q, k, v, meta, meta, block_q=16, block_k=64, interpret=False)
+
+
+def test_vit_image_attention_through_the_kernel():
+    """siglip_navit.image_attention with impl="pallas": the kernel with the image id as the document
+    equals the dense block-diagonal attention on real patches (pads: 0 instead of a pad-only softmax)."""
+    from sgt_jax.models.siglip_navit import image_attention
+
+    rng = np.random.default_rng(4)
+    q, k, v = (jnp.asarray(rng.standard_normal((1, 24, 2, 8)), jnp.float32) for _ in range(3))
+    ids = jnp.asarray([[0] * 7 + [1] * 12 + [2] * 2 + [-1] * 3], jnp.int32)
+    out = image_attention(q, k, v, ids, impl="pallas", blocks=(8, 8))
+    ref = image_attention(q, k, v, ids, impl="dense")
+    np.testing.assert_allclose(out[:, :21], ref[:, :21], atol=2e-5, rtol=1e-5)
+    assert np.all(np.asarray(out[:, 21:]) == 0)

@@ -3,6 +3,8 @@
 Variants (``--config configs/bagel_sgt.py:VARIANT``):
   7b    BAGEL-7B-MoT with the paper's SGT hyper-parameters (specs/bagel.md §1, specs/sgt_recipe.md §3.1).
   tiny  a few-M-parameter model of the same shape family, for CPU runs and tests.
+  small ~8.4 M parameters of the same family, sized to LEARN the synthetic world on a CPU (the SGT ablation of
+        bench/toy_sgt.py); otherwise the tiny variant's settings (synthetic data, fp32, dense attention).
 
 Each top-level section belongs to one part of the code base:
   model -> sgt_jax/models, data -> sgt_jax/data, train/optim -> sgt_jax/train, mesh -> sgt_jax/parallel,
@@ -12,7 +14,7 @@ Each top-level section belongs to one part of the code base:
 
 import ml_collections
 
-VARIANTS = ("7b", "tiny")
+VARIANTS = ("7b", "tiny", "small")
 
 
 def _model_7b():
@@ -91,6 +93,32 @@ def _model_tiny():
     return m
 
 
+def _model_small():
+    m = _model_tiny()
+    m.llm.update(dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+                      intermediate_size=768))
+    m.vit.update(dict(hidden_size=128, intermediate_size=256, num_heads=2, num_layers=2))
+    # VAE stride 8 (downsample 4 x latent patch 2): a 64x64 scene is 8x8 latent tokens of 2*2*8 values.
+    m.vae.update(dict(ch_mult=(1, 2, 2), z_channels=8))
+    return m
+
+
+def _small_overrides(c):
+    """The small variant: the tiny variant's settings with the model, world and budgets of bench/toy_sgt.py."""
+    c.model = _model_small()
+    # Square 64x64 scenes (8x8 latent tokens per generated image), with relative-size questions.
+    c.data.sources.synthetic.update(dict(sizes=((64, 64),), num_samples=4096, size_questions=True))
+    c.data.transforms.update(dict(vae=(64, 32, 8)))
+    c.data.packs_per_batch = 1
+    # One pack holds 4 generated images (4 x 64 gen tokens) with 2 VQA samples, or 1 VQA + 4 SGT samples
+    # (bench/toy_sgt.py; the most und tokens measured over 150 such steps: 236).
+    c.data.pack = ml_collections.ConfigDict(dict(und_tokens=288, gen_tokens=256, vit_patches=96, ce_labels=96,
+                                                 vae_images=4))
+    c.generate.update(dict(height=64, width=64, num_timesteps=12))
+    c.analysis.update(dict(attn_gen_size=(64, 64)))
+    c.mesh.max_replicated_fraction = 0.25
+
+
 def _data_sources(variant):
     """Raw data sources (owner: sgt_jax/data/sources). ``kind`` picks the reader; unused fields are ignored.
 
@@ -138,14 +166,18 @@ def _data_pipeline(c, variant):
     d.tokenizer = "synthetic" if tiny else ""
     d.packs_per_batch = 2 if tiny else 8  # GLOBAL packs per step (each process makes packs_per_batch // processes)
     # Static budgets per pack: U und tokens (text, markers, ViT), Z gen (latent) tokens, P ViT patches,
-    # L CE labels, NI VAE image slots. 7b: 16k tokens per pack per chip (the paper's expected_num_tokens).
+    # L CE labels, NI VAE image slots. 7b: 18k tokens per pack per chip, >= 90 % filled by the 2:1 mix, so a
+    # pack holds about the ~16.4k+ real tokens of an official pack (bench/results/packing.md).
     d.pack = ml_collections.ConfigDict(
         dict(und_tokens=256, gen_tokens=256, vit_patches=128, ce_labels=64, vae_images=4) if tiny else
-        dict(und_tokens=6144, gen_tokens=10240, vit_patches=6144, ce_labels=4096, vae_images=8)
+        dict(und_tokens=6656, gen_tokens=11776, vit_patches=6144, ce_labels=4096, vae_images=8)
     )
     # Explicit seg:VQA quota per global batch. mode "samples": every batch holds exactly seg:vqa samples in
     # that ratio (whole groups of seg+vqa samples); "tokens": the ratio of their tokens, greedily tracked.
     d.quota = ml_collections.ConfigDict(dict(mode="samples", seg=2, vqa=1))
+    # Candidate samples per group that the packer chooses from (best fit, sgt_jax/data/mixing.py); part of the
+    # checkpointed iterator state. 1 = arrival order.
+    d.pack_buffer = 4 if tiny else 64
     d.text_cond_dropout = 0.1  # SGT plan: the instruction split is dropped with this p (no RoPE advance)
     # ImageTransform (max, min, stride); vlm_max_pixels is shared by the images of one VQA sample.
     d.transforms = ml_collections.ConfigDict(
@@ -169,7 +201,8 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown bagel_sgt variant {variant!r}; choose one of {VARIANTS}")
     c = ml_collections.ConfigDict()
     c.variant = variant
-    c.model = _model_7b() if variant == "7b" else _model_tiny()
+    base = "tiny" if variant == "small" else variant  # small = tiny settings + _small_overrides at the end
+    c.model = _model_7b() if base == "7b" else _model_tiny()
 
     # ---- data (sgt_jax/data) ----
     c.data = ml_collections.ConfigDict()
@@ -181,18 +214,22 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     # crop or a rotation that a resize would hide) | "resize_nearest" (masks stored at another resolution;
     # the reference resizes bicubically, we never blend colours). docs/data_sources.md §2.
     c.data.mask_size_mismatch = "skip"
-    c.data.sources = _data_sources(variant)
-    _data_pipeline(c, variant)  # -- data pipeline keys (sgt_jax/data pipeline, docs/data_pipeline.md) --
+    c.data.sources = _data_sources(base)
+    _data_pipeline(c, base)  # -- data pipeline keys (sgt_jax/data pipeline, docs/data_pipeline.md) --
+    # ---- --mode prepare at pod scale (sgt_jax/data/prepare_shards.py) ----
+    # "": one process, or every process of a jax.distributed job its own slice; "i/n": shard i of n on
+    # separate machines (the last to finish merges); "merge": only merge the parts in --workdir.
+    c.prepare = ml_collections.ConfigDict(dict(shard=""))
 
     # ---- train / optim (sgt_jax/train) ----
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 8000 if variant == "7b" else 20
+    c.train.steps = 8000 if base == "7b" else 20
     c.train.seed = 4396
     c.train.ce_weight = 1.5
     c.train.mse_weight = 1.0
     c.train.timestep_shift = 1.0
-    c.train.platform = "tpu" if variant == "7b" else "any"  # startup check: "", any, cpu, gpu, tpu
-    c.train.ce_chunk = 2048 if variant == "7b" else 16  # CE labels per LM-head chunk (never [L, V] at once)
+    c.train.platform = "tpu" if base == "7b" else "any"  # startup check: "", any, cpu, gpu, tpu
+    c.train.ce_chunk = 2048 if base == "7b" else 16  # CE labels per LM-head chunk (never [L, V] at once)
     c.train.ema_decay = 0.9999
     c.train.ema_dtype = "float32"  # or "bfloat16" (halves EMA memory)
     c.train.ema_offload = False  # keep the EMA in pinned_host memory (error if the backend has none)
@@ -203,7 +240,7 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     c.train.freeze = ml_collections.ConfigDict(
         dict(vit=False, connector=False, und=False, gen=False, embeddings=False, lm_head=False))
     c.optim = ml_collections.ConfigDict(
-        dict(lr=1e-4, warmup_steps=1000 if variant == "7b" else 2, schedule="constant", min_lr=1e-7,
+        dict(lr=1e-4, warmup_steps=1000 if base == "7b" else 2, schedule="constant", min_lr=1e-7,
              b1=0.9, b2=0.95, eps=1e-15, weight_decay=0.0, clip_norm=1.0)
     )
 
@@ -243,7 +280,7 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
         ("act_mlp", "tensor"),
         ("act_vocab", "tensor"),
     )
-    c.mesh.max_replicated_fraction = 0.02 if variant == "7b" else 0.25  # startup check (tiny: norms weigh more)
+    c.mesh.max_replicated_fraction = 0.02 if base == "7b" else 0.25  # startup check (tiny: norms weigh more)
     # Multi-process launch (also read from $SGT_COORDINATOR_ADDRESS/$SGT_NUM_PROCESSES/$SGT_PROCESS_ID);
     # auto=True lets jax.distributed detect the cluster (TPU pods). Empty: single process.
     c.mesh.distributed = ml_collections.ConfigDict(
@@ -251,7 +288,7 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
 
     # ---- checkpoint (sgt_jax/checkpoint) ----
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every = 1000 if variant == "7b" else 10
+    c.checkpoint.every = 1000 if base == "7b" else 10
     c.checkpoint.keep = 3
     c.checkpoint.init_from = ""  # "" (random init), an imported workdir, or a BAGEL PyTorch folder
     c.checkpoint.async_save = True
@@ -271,12 +308,14 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     # the same 0.3 bounds them (0.16-0.19 per batch at block 512). Its ViT use (image id as document)
     # skips other images' blocks: vit_live_fraction, 0.55 above every batch measured at block 512
     # (0.46 mean, 0.52 max).
-    c.compile.attention_live_fraction = 0.3 if variant == "7b" else 0.0
-    c.compile.vit_live_fraction = 0.55 if variant == "7b" else 0.0
+    c.compile.attention_live_fraction = 0.3 if base == "7b" else 0.0
+    c.compile.vit_live_fraction = 0.55 if base == "7b" else 0.0
 
     # ---- generate / understand / segment / evaluate / analysis (sgt_jax/sampling, sgt_jax/eval) ----
-    _inference(c, variant)
+    _inference(c, base)
 
+    if variant == "small":
+        _small_overrides(c)
     return c
 
 

@@ -29,12 +29,15 @@ import os
 import msgpack
 import numpy as np
 
+from sgt_jax.data import prepare_shards
+from sgt_jax.data.arrayrecord_io import shard_name
 from sgt_jax.data.plans import vae_target
 from sgt_jax.data.records import BadSample
 from sgt_jax.data.transforms import Transforms, latent_grid, normalize
 
 log = logging.getLogger(__name__)
 INDEX_NAME = "latents_index.json"
+PART_STEM = "latents_index"
 FORMAT_VERSION = 1
 
 
@@ -104,21 +107,38 @@ class LatentCache:
         return plan
 
 
-def make_encoder(vae, latent_patch_size: int):
-    """jit-compiled ``images [B,H,W,3] in [-1,1] -> (mean, logvar)`` patchified to [B, h·w, p·p·zc]."""
+def make_encoder(vae, latent_patch_size: int, devices=None):
+    """``images [B,H,W,3] in [-1,1] -> (mean, logvar)`` patchified to [B, h·w, p·p·zc], as numpy.
+
+    Data parallel over ``devices`` (default: this process's local devices): the weights are replicated, the
+    batch is split along its first axis (padded with zero images to a multiple of the device count; the pad
+    rows are dropped). jit-compiled once per image size."""
     import jax
     from flax import nnx
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     from sgt_jax.models.flux_vae import patchify_latent
 
+    devices = list(devices if devices is not None else jax.local_devices())
+    mesh = Mesh(np.array(devices), ("batch",))
+    rows, replicated = NamedSharding(mesh, PartitionSpec("batch")), NamedSharding(mesh, PartitionSpec())
     graphdef, state = nnx.split(vae)
+    state = jax.device_put(state, replicated)
 
     @jax.jit
     def encode(st, x):
         mean, logvar = nnx.merge(graphdef, st).encode_stats(x)
         return patchify_latent(mean, latent_patch_size), patchify_latent(logvar, latent_patch_size)
 
-    return lambda x: tuple(np.asarray(a) for a in encode(state, x))
+    def run(x: np.ndarray):
+        b = x.shape[0]
+        pad = -b % len(devices)
+        if pad:
+            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+        mean, logvar = encode(state, jax.device_put(x, rows))
+        return np.asarray(mean)[:b], np.asarray(logvar)[:b]
+
+    return run
 
 
 def load_vae(config):
@@ -153,79 +173,138 @@ def _tree_map(fn, tree):
     return jax.tree.map(fn, tree)
 
 
-def cache_latents(config, workdir: str, *, vae=None, source=None, out_dir: str | None = None,
-                  batch_size: int = 8, records_per_shard: int = 4096) -> dict:
-    """Encodes every segmentation-family target of ``source`` (default: the prepared seg shards in
-    ``workdir``) and writes the cache to ``out_dir`` (default ``workdir``). Returns a report dict.
+def _blocks(config, workdir: str, source, records_per_shard: int):
+    """``(n_blocks, read)``: ``read(k)`` yields the raw records of block ``k`` and ``decode`` their samples.
+    Without ``source``: block k = prepared seg shard k of ``workdir`` (so latents-k belongs to seg-k); else
+    records ``[k·R, (k+1)·R)`` of ``source``."""
+    if source is not None:
+        n = len(source)
 
-    Images of equal size are encoded together, ``batch_size`` at a time. Bad samples are skipped and counted.
-    Single process: run it on one host (it reads everything once).
+        def read(k):
+            return (source[i] for i in range(k * records_per_shard, min(n, (k + 1) * records_per_shard)))
+
+        return prepare_shards.num_blocks(n, records_per_shard), read, source.decode
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from sgt_jax.data.arrayrecord_io import unpack_record
+    from sgt_jax.data.sources.common import decode_canonical
+
+    names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(workdir, "seg-*-of-*.array_record")))
+    totals = {int(name.split("-of-")[1].split(".")[0]) for name in names}
+    if len(totals) != 1:
+        raise FileNotFoundError(f"latent cache: no single set of prepared seg shards in {workdir!r}: {names[:5]}")
+    n_blocks = totals.pop()
+    proxy, seed = config.data.get("proxy_task", "segmentation"), int(config.data.seed)
+    mismatch = str(config.data.get("mask_size_mismatch", "skip"))  # the same samples as training reads
+
+    def read(k):
+        path = os.path.join(workdir, shard_name("seg", k, n_blocks))
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"latent cache: {path!r} is missing (prepare this shard's seg blocks first)")
+        reader = ArrayRecordReader(path)
+        try:
+            for j in range(reader.num_records()):
+                yield reader.read([j])[0]
+        finally:
+            reader.close()
+
+    return n_blocks, read, lambda raw: decode_canonical(unpack_record(raw), proxy, seed, mismatch)
+
+
+def cache_latents(config, workdir: str, *, vae=None, source=None, out_dir: str | None = None,
+                  batch_size: int = 8, records_per_shard: int = 4096, shard: tuple[int, int] = (0, 1),
+                  merge: bool = True) -> dict:
+    """Encodes the segmentation-family targets of this shard's blocks (:func:`_blocks`; default: the prepared
+    seg shards in ``workdir``) into ``latents-<k>-of-<N>.array_record`` in ``out_dir`` (default ``workdir``),
+    leaving the per-block keys and skip counts in ``latents_index.part-<i>-of-<n>.json``. With ``merge`` (and
+    every part present) it then writes ``latents_index.json`` and returns the report; else it returns the part.
+
+    Images of equal size within a block are encoded together, ``batch_size`` at a time, data parallel over the
+    local devices (:func:`make_encoder`). Batches never span blocks, so the statistics do not depend on how many
+    shards ran. Bad samples are skipped and counted.
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
     from sgt_jax.data.bad_data import SkipCounter
 
-    if source is None:
-        from sgt_jax.data.sources import PreparedSource
-
-        source = PreparedSource(workdir, "seg", proxy_task=config.data.get("proxy_task", "segmentation"),
-                                seed=int(config.data.seed),
-                                mask_size_mismatch=str(config.data.get("mask_size_mismatch", "skip")))
     out_dir = out_dir or workdir
     os.makedirs(out_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(out_dir, "latents-*.array_record")) + [os.path.join(out_dir, INDEX_NAME)]:
-        if os.path.exists(stale):
-            raise FileExistsError(f"latent cache {stale!r} exists; remove it or use another folder")
+    n_blocks, read, decode = _blocks(config, workdir, source, records_per_shard)
+    mine = prepare_shards.my_blocks(n_blocks, shard)
+    stale = [os.path.join(out_dir, INDEX_NAME)] + [os.path.join(out_dir, _shard_name(k, n_blocks)) for k in mine]
+    for path in stale:
+        if os.path.exists(path):
+            raise FileExistsError(f"latent cache {path!r} exists; remove it or use another folder")
     tfm = Transforms.from_config(config)
     encode = make_encoder(vae if vae is not None else load_vae(config), int(config.model.latent_patch_size))
     latent_dim = int(config.model.latent_patch_size) ** 2 * int(config.model.vae.z_channels)
-    counter = SkipCounter()
-    keys, shards, pending = {}, [], []
-    state = {"writer": None, "rows": 0}
+    blocks = {}
+    for k in mine:
+        counter, keys, pending = SkipCounter(), {}, []
+        path = os.path.join(out_dir, _shard_name(k, n_blocks))
+        writer = ArrayRecordWriter(path + ".tmp", "group_size:1")
 
-    def write(key, mean, logvar, grid):
-        if state["writer"] is None or state["rows"] >= records_per_shard:
-            if state["writer"] is not None:
-                state["writer"].close()
-            shards.append(f"latents-{len(shards):05d}.tmp")
-            state["writer"] = ArrayRecordWriter(os.path.join(out_dir, shards[-1]), "group_size:1")
-            state["rows"] = 0
-        state["writer"].write(msgpack.packb({"key": key, "grid": list(grid), "mean": mean.tobytes(),
-                                             "logvar": logvar.tobytes()}, use_bin_type=True))
-        keys[key] = [len(shards) - 1, state["rows"]]
-        state["rows"] += 1
+        def flush():
+            if not pending:
+                return
+            means, logvars = encode(np.stack([normalize(img) for _, img in pending]))
+            for (key, img), m, lv in zip(pending, means, logvars):
+                grid = latent_grid(*img.shape[:2], tfm.latent_stride)
+                writer.write(msgpack.packb({"key": key, "grid": list(grid), "mean": m.astype(np.float32).tobytes(),
+                                            "logvar": lv.astype(np.float32).tobytes()}, use_bin_type=True))
+                keys[key] = len(keys)
+            pending.clear()
 
-    def flush():
-        if not pending:
-            return
-        x = np.stack([normalize(img) for _, img in pending])
-        means, logvars = encode(x)
-        for (key, img), m, lv in zip(pending, means, logvars):
-            write(key, m.astype(np.float32), lv.astype(np.float32), latent_grid(*img.shape[:2], tfm.latent_stride))
-        pending.clear()
+        for raw in read(k):
+            sample = counter.call(decode, raw)
+            if sample is None:
+                continue
+            if sample["key"] in keys or any(key == sample["key"] for key, _ in pending):
+                raise ValueError(f"duplicate sample key {sample['key']!r} in the seg source: keys must be unique")
+            img = vae_target(sample, tfm)
+            if pending and (pending[0][1].shape != img.shape or len(pending) >= batch_size):
+                flush()
+            pending.append((sample["key"], img))
+        flush()
+        writer.close()
+        os.replace(path + ".tmp", path)
+        blocks[str(k)] = {"keys": keys, "counts": counter.as_dict()}
+    part = {"n_blocks": n_blocks, "latent_dim": latent_dim, "fingerprint": _fingerprint(config), "blocks": blocks}
+    prepare_shards.write_json(os.path.join(out_dir, prepare_shards.part_name(shard, PART_STEM)), part, indent=None)
+    summary = {"blocks": len(blocks), "written": sum(len(b["keys"]) for b in blocks.values())}
+    if merge:
+        report = merge_latent_parts(out_dir)
+        if report is not None:
+            return report
+    return summary
 
-    for i in range(len(source)):
-        sample = counter.call(source.decode, source[i])
-        if sample is None:
-            continue
-        if sample["key"] in keys or any(k == sample["key"] for k, _ in pending):
-            raise ValueError(f"duplicate sample key {sample['key']!r} in the seg source: keys must be unique")
-        img = vae_target(sample, tfm)
-        if pending and (pending[0][1].shape != img.shape or len(pending) >= batch_size):
-            flush()
-        pending.append((sample["key"], img))
-    flush()
-    if state["writer"] is not None:
-        state["writer"].close()
-    finals = []
-    for j, tmp in enumerate(shards):
-        final = f"latents-{j:05d}-of-{len(shards):05d}.array_record"
-        os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, final))
-        finals.append(final)
-    index = {"format": FORMAT_VERSION, "latent_dim": latent_dim, "fingerprint": _fingerprint(config),
-             "shards": finals, "keys": keys}
-    with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
-        json.dump(index, f)
-    report = {"written": len(keys), "shards": len(finals), "skipped": counter.as_dict()["skipped"]}
+
+def _shard_name(k: int, n: int) -> str:
+    return f"latents-{k:05d}-of-{n:05d}.array_record"
+
+
+def merge_latent_parts(out_dir: str) -> dict | None:
+    """Writes ``latents_index.json`` from the parts in ``out_dir`` (None while parts are missing); returns the
+    report ``{"written", "shards", "skipped"}``."""
+    from sgt_jax.data.bad_data import SkipCounter
+
+    parts = prepare_shards.read_parts(out_dir, PART_STEM)
+    if parts is None:
+        return None
+    blocks = prepare_shards.gather_blocks(parts, lambda p: p["blocks"])
+    n = parts[0]["n_blocks"]
+    if sorted(blocks) != list(range(n)):
+        raise ValueError(f"latent cache parts in {out_dir!r} cover blocks {sorted(blocks)[:10]}..., not 0..{n - 1}")
+    keys, counter = {}, SkipCounter(log_skips=False)
+    for k in range(n):
+        counter.merge(blocks[k]["counts"])
+        for key, row in blocks[k]["keys"].items():
+            if key in keys:
+                raise ValueError(f"duplicate sample key {key!r} in the seg source: keys must be unique")
+            keys[key] = [k, row]
+    index = {"format": FORMAT_VERSION, "latent_dim": parts[0]["latent_dim"], "fingerprint": parts[0]["fingerprint"],
+             "shards": [_shard_name(k, n) for k in range(n)], "keys": keys}
+    prepare_shards.write_json(os.path.join(out_dir, INDEX_NAME), index, indent=None)
+    report = {"written": len(keys), "shards": n, "skipped": counter.as_dict()["skipped"]}
     log.info("latent cache: %s", report)
     return report

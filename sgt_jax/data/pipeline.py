@@ -180,7 +180,8 @@ class TrainIterator:
         for grp in GROUPS:
             if quota[grp] > 0 and grp not in srcs:
                 raise ValueError(f"config.data.quota.{grp}={quota[grp]} but no {grp} source")
-        self.mixer = Mixer(self.streams, quota, self.layout.budget, g // process_count)
+        self.mixer = Mixer(self.streams, quota, self.layout.budget, g // process_count,
+                           int(config.data.get("pack_buffer", 1)))
         self._eff_sum = {}
 
     def __iter__(self):

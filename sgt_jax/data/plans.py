@@ -18,13 +18,15 @@ workers). Keys:
 | ``group, task, key, source`` | str | ``group`` is "seg" (any segmentation-family task) or "vqa" |
 | ``n_und, n_gen, n_vit, n_ce, n_vae`` | int | what the sample needs of each pack budget |
 
-Two plans (sgt_recipe.md §1.2, §2.2):
+Plans (sgt_recipe.md §1.2, §2.2; BAGEL's t2i dataset for the third):
 - SGT: [ViT view of the image (full, RoPE 0), instruction (causal, no CE; dropped with p=text_cond_dropout
   WITHOUT advancing RoPE), noisy VAE target (noise, MSE, RoPE not advanced)].
 - VQA: BAGEL's vlm_dataset: human turns split at ``<image>`` into text pieces (stripped, no loss) and ViT
   images (VLM transform, max_pixels shared by the sample's images); gpt turns are text with CE: inputs
   ``<|im_start|>`` + answer, labels answer + ``<|im_end|>`` (so the model learns to stop). Every text split
   ends with an ``<|im_end|>`` input token with no label. No roles, no system prompt.
+- T2I: [prompt (causal, no CE; dropped with p=text_cond_dropout WITHOUT advancing RoPE), noisy VAE image
+  (noise, MSE)]: the SGT plan without the ViT view (used to pre-train the base model of bench/toy_sgt.py).
 """
 
 from __future__ import annotations
@@ -151,6 +153,20 @@ def sgt_plan(sample: dict, instruction: str, tok, tfm: Transforms, *, drop_text:
         b.text(tok.encode(instruction, where=f"{key} instruction"), loss=False)
     b.vae(vae_target(sample, tfm), target=True)
     return b.finish(sample, "seg")
+
+
+def t2i_plan(prompt: str, image: np.ndarray, key: str, source: str, tok, tfm: Transforms, *,
+             drop_text: bool) -> dict:
+    """The text-to-image plan: ``prompt`` then the noisy VAE latents of ``image`` (uint8 [H, W, 3], resized
+    with the VAE transform); ``drop_text``: the CFG dropout draw. ``group`` is "seg" (the generation stream)
+    and ``task`` "t2i"."""
+    h, w = image.shape[:2]
+    gw, gh = tfm.vae.output_size(w, h)
+    b = _PlanBuilder(tok, tfm)
+    if not drop_text:
+        b.text(tok.encode(prompt, where=f"{key} prompt"), loss=False)
+    b.vae(resize(image, gw, gh), target=True)
+    return b.finish({"task": "t2i", "key": key, "source": source}, "seg")
 
 
 def vae_target(sample: dict, tfm: Transforms) -> np.ndarray:

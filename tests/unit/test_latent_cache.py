@@ -116,3 +116,18 @@ def test_load_vae_from_a_bagel_folder(built, tmp_path):
     cfg.checkpoint.init_from = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="ae.safetensors"):
         load_vae(cfg)
+
+
+@pytest.mark.multidevice
+def test_encoder_is_data_parallel_over_devices(built):
+    """make_encoder splits the batch over the given devices (3 images padded to 8 rows): the statistics equal
+    those of one device."""
+    import jax
+
+    vae, _ = built
+    x = np.random.default_rng(1).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
+    one = make_encoder(vae, 2, devices=jax.devices()[:1])(x)
+    eight = make_encoder(vae, 2, devices=jax.devices()[:8])(x)
+    assert one[0].shape == eight[0].shape == (3, 16 * 16 // 4, 16)
+    for a, b in zip(one, eight):
+        np.testing.assert_allclose(b, a, atol=ATOL)

@@ -171,12 +171,32 @@ def _sub_jaxprs(eqn):
                 yield item
 
 
+# the Pallas attention kernel's block-pair FLOPs (every pair; the executed share is the live fraction)
+KERNEL_KEYS = ("kernel_llm", "kernel_vit")
+
+
 def jaxpr_flops(jaxpr, multiplier: int = 1, acc: dict | None = None) -> dict[str, int]:
     """Matmul + conv FLOPs of a jaxpr, recursing into sub-jaxprs; a scan body counts ``length`` times,
     a ``cond`` counts its most expensive branch, a ``while`` body once (flagged in ``while_loops``)."""
-    acc = {"dot_general": 0, "conv": 0, "while_loops": 0, "cond_skippable": 0} if acc is None else acc
+    acc = {"dot_general": 0, "conv": 0, "while_loops": 0, "cond_skippable": 0, **{k: 0 for k in KERNEL_KEYS}} \
+        if acc is None else acc
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
+        if name == "pallas_call":
+            # A kernel's body is one block's program, not its work: count the cost estimate the kernel
+            # declares (the attention kernel: every block pair, sgt_jax/models/kernels/flash_bagel.py).
+            est = eqn.params.get("cost_estimate")
+            if est is None:
+                raise ValueError(f"pallas_call {eqn.params.get('name')!r} declares no cost_estimate; "
+                                 "its FLOPs cannot be counted")
+            key = "kernel_vit" if str(eqn.params.get("name", "")).startswith("vit_") else "kernel_llm"
+            acc["dot_general"] += multiplier * int(est.flops)
+            acc[key] += multiplier * int(est.flops)
+            continue
+        if name == "shard_map":  # the body sees one device's shard; every device of the mesh runs it
+            for sub in _sub_jaxprs(eqn):
+                jaxpr_flops(sub, multiplier * int(eqn.params["mesh"].size), acc)
+            continue
         if name == "dot_general":
             acc["dot_general"] += multiplier * _dot_flops(eqn)
         elif name == "conv_general_dilated":
@@ -201,13 +221,18 @@ def jaxpr_flops(jaxpr, multiplier: int = 1, acc: dict | None = None) -> dict[str
     return acc
 
 
+def traced_counts(fn: Callable, *args) -> dict[str, int]:
+    """``jaxpr_flops`` of ``fn(*args)``'s jaxpr (shapes only)."""
+    return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
 def traced_flops(fn: Callable, *args, with_skippable: bool = False):
     """Global FLOPs (matmuls + convs) that ``fn(*args)`` executes, from its jaxpr (shapes only), every
-    ``cond`` at its most expensive branch (an upper bound). With ``with_skippable``, returns
-    ``(flops, skippable)``: the part of that bound that cheaper cond branches would not execute (the
-    chunked attention's dead key blocks, sgt_jax/models/attention.py)."""
-    closed = jax.make_jaxpr(fn)(*args)
-    counts = jaxpr_flops(closed.jaxpr)
+    ``cond`` at its most expensive branch and every Pallas attention kernel at all its block pairs (an
+    upper bound). With ``with_skippable``, returns ``(flops, skippable)``: the part of that bound that
+    cheaper cond branches would not execute (the chunked attention's dead key blocks,
+    sgt_jax/models/attention.py); the kernels' all-pairs share is in ``traced_counts``."""
+    counts = traced_counts(fn, *args)
     total = counts["dot_general"] + counts["conv"]
     return (total, counts["cond_skippable"]) if with_skippable else total
 
@@ -339,20 +364,33 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
     six_n = 6 * (act["llm_expert"] * budgets.tokens + act["lm_head"] * budgets.ce_labels +
                  (act["vit"] + act["connector"]) * budgets.vit_patches) * packs
     t0 = time.time()
-    traced, skippable = traced_flops(jitted, *args, with_skippable=True)
+    counts = traced_counts(jitted, *args)
+    traced, skippable = counts["dot_general"] + counts["conv"], counts["cond_skippable"]
+    kernels = {k: counts[k] for k in KERNEL_KEYS}
     report.update({"analytic_flops": analytic.total, "analytic_by_module": dict(analytic.by_module),
                    "remat_recompute_flops": analytic.remat_recompute_flops(), "six_n_tokens_flops": six_n,
                    "traced_flops": traced, "traced_over_analytic": traced / analytic.total,
                    "traced_over_analytic_plus_remat": traced / (analytic.total + analytic.remat_recompute_flops()),
-                   "skippable_flops": skippable, "trace_s": time.time() - t0})
-    live = float(config.compile.attention_live_fraction)
-    if not 0.0 <= live <= 1.0:
-        raise ValueError(f"config.compile.attention_live_fraction must be in [0, 1] (0: not given), got {live}")
-    if live:  # executed = bound minus the dead blocks' share of the skippable part
-        executed = traced - (1.0 - live) * skippable
+                   "skippable_flops": skippable, "kernel_flops": kernels, "trace_s": time.time() - t0})
+    live = _fraction(config, "attention_live_fraction")
+    vit_live = _fraction(config, "vit_live_fraction") if kernels["kernel_vit"] else 0.0
+    if live and (vit_live or not kernels["kernel_vit"]):
+        # executed = bound minus the dead blocks' share: of the chunked attention's skippable part and of
+        # the LLM kernel's pairs at the LLM live fraction, of the ViT kernel's pairs at the ViT's
+        executed = (traced - (1.0 - live) * (skippable + kernels["kernel_llm"])
+                    - (1.0 - vit_live) * kernels["kernel_vit"])
         report.update({"attention_live_fraction": live, "executed_flops": executed,
                        "executed_over_analytic": executed / analytic.total})
+        if kernels["kernel_vit"]:
+            report["vit_live_fraction"] = vit_live
     return report
+
+
+def _fraction(config, field: str) -> float:
+    value = float(config.compile[field])
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"config.compile.{field} must be in [0, 1] (0: not given), got {value}")
+    return value
 
 
 def _apply_compile_overrides(config):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +24,7 @@ Initializer = Callable[..., jax.Array]
 
 
 _ACTIVATION_CONSTRAINT = contextvars.ContextVar("sgt_activation_constraint", default=None)
+_KERNEL_MESH = contextvars.ContextVar("sgt_kernel_mesh", default=None)
 
 
 @contextlib.contextmanager
@@ -39,6 +40,23 @@ def activation_sharding(fn: Callable[[jax.Array, tuple], jax.Array]):
         yield
     finally:
         _ACTIVATION_CONSTRAINT.reset(token)
+
+
+@contextlib.contextmanager
+def sharded_kernels(mesh, spec_of: Callable[[tuple, tuple], Any]):
+    """Within this context (at trace time), Pallas kernels run under ``shard_map`` over ``mesh``;
+    ``spec_of(names, shape)`` maps logical activation names to a PartitionSpec (the train step passes
+    ``sgt_jax.parallel.logical_to_spec`` with its rules). Outside it kernels see whole arrays."""
+    token = _KERNEL_MESH.set((mesh, spec_of))
+    try:
+        yield
+    finally:
+        _KERNEL_MESH.reset(token)
+
+
+def kernel_sharding():
+    """``(mesh, spec_of)`` set by ``sharded_kernels``, or None."""
+    return _KERNEL_MESH.get()
 
 
 def constrain(x: jax.Array, names: tuple) -> jax.Array:

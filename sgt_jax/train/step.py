@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sgt_jax import parallel
-from sgt_jax.models.layers import activation_sharding
+from sgt_jax.models.layers import activation_sharding, sharded_kernels
 from sgt_jax.train.losses import sgt_loss
 from sgt_jax.train.optim import ema_update
 from sgt_jax.train.state import StateSpec, make_state_spec
@@ -55,7 +55,8 @@ def make_step_fn(config, spec: StateSpec, mesh: Mesh | None = None) -> Callable:
         model = nnx.merge(spec.graphdef, params, frozen, spec.rest)
         if mesh is None:
             return sgt_loss(model, batch, key, train_cfg, model_cfg, num_images)
-        with activation_sharding(lambda x, names: parallel.constrain(x, names, rules, mesh)):
+        with activation_sharding(lambda x, names: parallel.constrain(x, names, rules, mesh)), \
+                sharded_kernels(mesh, lambda names, shape: parallel.logical_to_spec(names, shape, rules, mesh)):
             return sgt_loss(model, batch, key, train_cfg, model_cfg, num_images)
 
     def step(state, batch):

@@ -224,8 +224,10 @@ def import_folder(source: str, config=None, mesh=None, rules=None):
 
     from sgt_jax.checkpoint.convert import _jsonable, _mesh_and_rules
 
-    base_dit = config.model.get("dit") if config is not None and "model" in config else None
-    base_vae = config.model.get("vae") if config is not None and "model" in config else None
+    # An OmniGen2 run config may carry model.dit / model.vae (no such config file is in the repository yet).
+    model_cfg = config.model if config is not None and "model" in config else {}
+    base_dit = model_cfg["dit"] if "dit" in model_cfg else None
+    base_vae = model_cfg["vae"] if "vae" in model_cfg else None
     fold, cfg_dit, cfg_vae = open_folder(source, base_dit, base_vae)  # every problem before any read
     if mesh is None:
         from sgt_jax.checkpoint.convert import _default_config

@@ -211,8 +211,8 @@ def live_block_fraction(q_meta: TokenMeta, k_meta: TokenMeta, *, chunk: int) -> 
 
 
 def attention_blocks(model_cfg) -> tuple[int, int]:
-    """``(model.attention_block_q, model.attention_block_kv)`` of the Pallas kernel (default 512, 512)."""
-    blocks = (int(model_cfg.get("attention_block_q", 512)), int(model_cfg.get("attention_block_kv", 512)))
+    """``(model.attention_block_q, model.attention_block_kv)`` of the Pallas kernel."""
+    blocks = (int(model_cfg.attention_block_q), int(model_cfg.attention_block_kv))
     if min(blocks) <= 0:
         raise ValueError(f"model.attention_block_q/attention_block_kv must be positive, got {blocks}")
     return blocks

@@ -201,6 +201,12 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
                          f"(got {total_steps}, {every})")
 
     _check_export_at_end(config)
+    overlap, prefetch = bool(tc.get("overlap", True)), int(tc.get("prefetch", 2))
+    check_every = int(tc.get("stop_check_every", 10))
+    if check_every < 1 or prefetch < 0:
+        raise ValueError(f"config.train.stop_check_every must be >= 1 and config.train.prefetch >= 0 (got "
+                         f"{check_every}, {prefetch})")
+    profile = _profile_window(tc, workdir)
 
     mesh = parallel.make_mesh(config.mesh)
     rules = parallel.logical_rules(config)
@@ -229,11 +235,6 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
     stop = _StopFlag()
     stop.install()
     max_bad = int(tc.get("max_consecutive_nonfinite", 5))
-    overlap = bool(tc.get("overlap", True))
-    check_every = int(tc.get("stop_check_every", 10))
-    if check_every < 1:
-        raise ValueError(f"config.train.stop_check_every must be >= 1, got {check_every}")
-    profile = _profile_window(tc, workdir)
     count_sum = jax.jit(lambda c: c.sum(axis=0), out_shardings=NamedSharding(mesh, PartitionSpec()))
 
     def to_device(host):
@@ -241,7 +242,7 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
                 count_sum(_global_rows(np.stack([np.asarray(host.get(k, np.zeros(len(host["tokens"]), np.int32)))
                                                   for k in ("n_seg", "n_vqa")], axis=-1), mesh, rules)))
 
-    prefetcher = overlap_lib.Prefetcher(iterator, to_device, int(tc.get("prefetch", 2)))
+    prefetcher = overlap_lib.Prefetcher(iterator, to_device, prefetch)
     clock = overlap_lib.DeviceClock()
     compiled = None
     totals = {"n_seg": 0, "n_vqa": 0, "flops": None, "peak": None, "t_read": None}

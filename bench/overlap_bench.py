@@ -38,7 +38,10 @@ def run_once(mode: str, args, round_: int) -> dict:
            f"--config.train.steps={args.steps}", f"--config.checkpoint.every={args.steps}",
            "--config.train.tensorboard=False", *MODES[mode], *args.flag]
     print("+", shlex.join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=args.timeout)
+    # one persistent compilation cache for all runs: only the first compiles (compile time is not timed)
+    env = dict(os.environ)
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(os.path.join(args.workdir, "jax_cache")))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=args.timeout)
     if proc.returncode != 0:
         raise SystemExit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
     summary = next((ln for ln in proc.stdout.splitlines() if ln.startswith("summary: ")), None)

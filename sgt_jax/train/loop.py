@@ -238,9 +238,11 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
     count_sum = jax.jit(lambda c: c.sum(axis=0), out_shardings=NamedSharding(mesh, PartitionSpec()))
 
     def to_device(host):
-        return (parallel.to_global(host, mesh, rules),
-                count_sum(_global_rows(np.stack([np.asarray(host.get(k, np.zeros(len(host["tokens"]), np.int32)))
-                                                  for k in ("n_seg", "n_vqa")], axis=-1), mesh, rules)))
+        """On the prefetch thread: transfers only. Every computation (the step, the count sum) is
+        dispatched by the main thread, so all processes launch their programs in the same order."""
+        rows = np.stack([np.asarray(host.get(k, np.zeros(len(host["tokens"]), np.int32)), np.int32)
+                         for k in ("n_seg", "n_vqa")], axis=-1)
+        return parallel.to_global(host, mesh, rules), _global_rows(rows, mesh, rules)
 
     prefetcher = overlap_lib.Prefetcher(iterator, to_device, prefetch)
     clock = overlap_lib.DeviceClock()
@@ -295,6 +297,7 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
             profile.before(step + 1)
             t_dispatch = time.time()
             state, m = compiled(state, batch)
+            counts = count_sum(counts)
             clock.dispatched(m)
             step += 1
             current = dict(step=step, metrics=m, counts=counts, crc=_crc(item.host), t_dispatch=t_dispatch,

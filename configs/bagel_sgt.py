@@ -173,6 +173,10 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     # -- data.sources / data.proxy_task (sgt_jax/data/sources, docs/data_sources.md) --
     # proxy task of the segmentation-family samples: segmentation | reconstruction | edge | inpainting
     c.data.proxy_task = "segmentation"
+    # A mask (or RLE) of another size than its image: "skip" (default: a mismatch means a wrong pairing, a
+    # crop or a rotation that a resize would hide) | "resize_nearest" (masks stored at another resolution;
+    # the reference resizes bicubically, we never blend colours). docs/data_sources.md §2.
+    c.data.mask_size_mismatch = "skip"
     c.data.sources = _data_sources(variant)
     _data_pipeline(c, variant)  # -- data pipeline keys (sgt_jax/data pipeline, docs/data_pipeline.md) --
 

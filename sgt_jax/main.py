@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from sgt_jax import errors
 
 MODES = {
     "train": ("sgt_jax.train.loop", "run"),
@@ -70,11 +73,13 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected positional arguments: {argv[1:]}")
     mode = _MODE.value
-    if _WORKDIR.value is None:
-        raise app.UsageError("--workdir is required")
+    if not _WORKDIR.value:
+        raise errors.InputError(f"--workdir is required (the run folder of --mode={mode})")
+    if os.path.exists(_WORKDIR.value) and not os.path.isdir(_WORKDIR.value):
+        raise errors.InputError(f"--workdir {_WORKDIR.value}: is a file, not a folder")
     config = _CONFIG.value
     if config is None and mode not in CONFIG_OPTIONAL:
-        raise app.UsageError(f"--config is required for --mode={mode}")
+        raise errors.InputError(f"--config is required for --mode={mode} (e.g. --config configs/sgt_tiny.py)")
     args = ModeArgs(workdir=_WORKDIR.value, source=_SOURCE.value, dest=_DEST.value, prompt=_PROMPT.value,
                     images=tuple(_IMAGE.value), input=_INPUT.value, step=_STEP.value, weights=_WEIGHTS.value)
     module_name, fn_name = MODES[mode]
@@ -83,7 +88,7 @@ def main(argv):
 
 
 def entry():
-    app.run(main)
+    errors.run_cli(lambda: app.run(main))  # input errors: one line, exit status 1 (--debug: traceback)
 
 
 if __name__ == "__main__":

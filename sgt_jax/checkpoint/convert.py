@@ -358,7 +358,12 @@ def load_workdir_params(config, args):
     if not steps:
         if args.step is not None:
             raise FileNotFoundError(f"--step {args.step}: {args.workdir} has no training checkpoints")
-        meta = store.read_params_meta(args.workdir)  # clear error if there is nothing to export
+        if not os.path.exists(os.path.join(args.workdir, store.PARAMS_META)):
+            raise FileNotFoundError(
+                f"{args.workdir}: nothing to load: no training checkpoints ({store.checkpoint_dir(args.workdir)}"
+                f"/<step>/, written by --mode train) and no imported parameters ({store.PARAMS_META}, written by "
+                "--mode import); export and the inference modes take either")
+        meta = store.read_params_meta(args.workdir)
         cfg_model = model_config_from_meta(meta)
         return store.load_params(args.workdir, abstract_params(cfg_model, mesh, rules)), cfg_model, meta
 

@@ -80,7 +80,14 @@ def read_header(path: str) -> dict[str, TensorInfo]:
         size = os.path.getsize(path)
         if n > size - 8 or n > 100_000_000:
             raise ValueError(f"{path}: corrupt safetensors header length {n} (file size {size})")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path}: not a safetensors file (its header is not JSON)") from None
+    ends = [int(e["data_offsets"][1]) for k, e in header.items() if k != "__metadata__" and "data_offsets" in e]
+    if ends and 8 + n + max(ends) > size:
+        raise ValueError(f"{path}: truncated: the header places tensor data up to byte {8 + n + max(ends)}, the "
+                         f"file has {size} bytes")
     out = {}
     for name, entry in header.items():
         if name == "__metadata__":

@@ -13,7 +13,8 @@ on-disk schema does not depend on Flax/optax classes (specs/jax_practice.md §3.
 tree once"). Restores always take an abstract target (ShapeDtypeStructs carrying the *current*
 shardings), so a checkpoint written on one mesh restores onto any other, and no process materialises
 the full model. A step directory that fails to restore (partial write, corrupted file) is reported
-with a warning and the previous step is tried (``restore_latest_valid``).
+with a warning and the previous step is tried (``restore_latest_valid``); once one restores, the broken
+newer steps are moved into ``<workdir>/checkpoints_broken/`` so that the run can save them again.
 """
 
 from __future__ import annotations
@@ -269,21 +270,78 @@ def restore_latest_valid(manager: ocp.CheckpointManager, targets: dict[str, Any]
     """Restore the newest step that restores cleanly (or exactly ``step``).
 
     A step that fails (partially written, truncated or deleted files) is skipped with a warning naming
-    the error, and the next older one is tried. Returns ``(None, None)`` when there is no checkpoint."""
+    the error, and the next older one is tried. Once an older step restores, every newer step that failed
+    is moved aside (``move_aside``: renamed into ``<workdir>/checkpoints_broken/``, never deleted), so the
+    run can save those steps again when it redoes them. Nothing is moved when no step restores: then the
+    cause is more likely the config (different shapes) than the files. Returns ``(None, None)`` when there
+    is no checkpoint."""
     steps = all_steps(manager)
     if step is not None:
         if step not in steps:
             raise FileNotFoundError(f"no checkpoint for step {step} in {manager.directory}; have {steps}")
-        return step, restore_step(manager, step, targets, with_data=with_data)
+        try:
+            return step, restore_step(manager, step, targets, with_data=with_data)
+        except Exception as err:  # noqa: BLE001 - named in one line; --debug shows the chain
+            raise DamagedCheckpointError(manager.directory, step, steps, err) from err
+    broken, first_error = [], None
     for s in reversed(steps):
         try:
-            return s, restore_step(manager, s, targets, with_data=with_data)
+            restored = restore_step(manager, s, targets, with_data=with_data)
         except Exception as err:  # noqa: BLE001 - any failure means the step is unusable
             log.warning("checkpoint step %d in %s could not be restored (%s: %s); trying the previous one",
-                        s, manager.directory, type(err).__name__, str(err)[:500])
+                        s, manager.directory, type(err).__name__, (str(err).splitlines() or [""])[0][:300])
+            broken.append(s)
+            first_error = first_error or err
+            continue
+        if broken:
+            move_aside(manager, broken, restored_step=s)
+        return s, restored
     if steps:
-        raise RuntimeError(f"none of the checkpoints {steps} in {manager.directory} could be restored")
+        first = (str(first_error).splitlines() or [""])[0][:200]
+        raise ValueError(f"none of the checkpoints {steps} in {manager.directory} could be restored (newest: "
+                         f"{type(first_error).__name__}: {first}); nothing was moved. If the config changed, "
+                         "restore with the one they were written with; else start a new workdir")
     return None, None
+
+
+BROKEN_DIR = "checkpoints_broken"
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint step asked for by number cannot be read (files deleted or cut short)."""
+
+    def __init__(self, directory, step: int, steps: list[int], err: BaseException):
+        first = (str(err).splitlines() or [""])[0][:200]
+        older = [s for s in steps if s < step]
+        hint = f"; pass --step with an older one ({older})" if older else ""
+        super().__init__(f"checkpoint step {step} in {directory} cannot be read, its files are damaged or "
+                         f"incomplete ({type(err).__name__}: {first}){hint}")
+
+
+def move_aside(manager: ocp.CheckpointManager, steps: list[int], *, restored_step: int) -> list[str]:
+    """Rename the folders of the unrestorable ``steps`` into ``<workdir>/checkpoints_broken/<step>`` (a
+    numbered suffix if that exists) and reload the manager's step list, so that the redone steps can be
+    saved again. Process 0 renames; every process waits for it. Returns the new paths."""
+    root = os.path.dirname(os.path.abspath(str(manager.directory)))
+    aside = os.path.join(root, BROKEN_DIR)
+    moved = []
+    for s in sorted(steps):
+        src = os.path.join(str(manager.directory), str(s))
+        dst, k = os.path.join(aside, str(s)), 1
+        while os.path.exists(dst):
+            dst, k = os.path.join(aside, f"{s}.{k}"), k + 1
+        moved.append(dst)
+        if jax.process_index() == 0:
+            os.makedirs(aside, exist_ok=True)
+            os.rename(src, dst)
+        log.warning("checkpoint step %d could not be restored: moved it to %s (not deleted; the run resumes from "
+                    "step %d and redoes the steps after it)", s, dst, restored_step)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("sgt_jax_move_broken_checkpoints")
+    manager.reload()
+    return moved
 
 
 def read_json_item(workdir: str, step: int, name: str) -> dict:
@@ -292,6 +350,8 @@ def read_json_item(workdir: str, step: int, name: str) -> dict:
     try:
         restored = manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))
         return restored[name]
+    except Exception as err:  # noqa: BLE001 - a deleted or cut item file: one line naming the step
+        raise DamagedCheckpointError(manager.directory, step, all_steps(manager), err) from err
     finally:
         manager.close()
 

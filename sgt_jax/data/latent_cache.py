@@ -169,7 +169,8 @@ def cache_latents(config, workdir: str, *, vae=None, source=None, out_dir: str |
         from sgt_jax.data.sources import PreparedSource
 
         source = PreparedSource(workdir, "seg", proxy_task=config.data.get("proxy_task", "segmentation"),
-                                seed=int(config.data.seed))
+                                seed=int(config.data.seed),
+                                mask_size_mismatch=str(config.data.get("mask_size_mismatch", "skip")))
     out_dir = out_dir or workdir
     os.makedirs(out_dir, exist_ok=True)
     for stale in glob.glob(os.path.join(out_dir, "latents-*.array_record")) + [os.path.join(out_dir, INDEX_NAME)]:

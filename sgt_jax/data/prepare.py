@@ -10,7 +10,8 @@
   the two live in different places). Kinds ``synthetic`` are materialised too (handy for tests and demos);
   kind ``prepared`` and ``none`` are skipped.
 * Output in ``--workdir``: ``seg-NNNNN-of-NNNNN.array_record``, ``vqa-...``, and ``prepare_report.json`` with
-  counts read / written / skipped by reason (and the first few details of each reason) per family. Train on
+  counts read / written / skipped by reason (and the first few details of each reason) per family. When a
+  family writes 0 samples, the CLI exits with status 1 and one line naming it and its top skip reasons. Train on
   them with ``--config.data.sources.seg.kind=prepared --config.data.sources.seg.root=<workdir>`` (same for vqa).
 * ``config.data.sources.prepare_workers`` > 0 decodes in that many threads (order is kept; Pillow's JPEG/PNG
   codecs and zlib release the GIL, so threads scale on the image work without process start-up cost).
@@ -43,7 +44,7 @@ RAW_SKIP_KINDS = ("prepared", "none")
 def _convert(src, raw, proxy_task: str) -> dict:
     """Canonical record of ``raw``, checked by decoding it exactly as training will. Raises BadSample."""
     canon = src.canonical(raw)
-    decode_canonical(canon, proxy_task if src.family == "seg" else "segmentation", src.seed)
+    decode_canonical(canon, proxy_task if src.family == "seg" else "segmentation", src.seed, src.mask_size_mismatch)
     return canon
 
 
@@ -100,10 +101,29 @@ def _cache_latents(config, workdir: str):
     return cache_latents(config, workdir)
 
 
+class PrepareError(ValueError):
+    """A family wrote no sample at all (the CLI prints the one-line message and exits with status 1)."""
+
+
+def check_written(report: dict) -> None:
+    """Raises PrepareError naming each family that wrote 0 samples and its most frequent skip reasons."""
+    empty = []
+    for family, fam in report["families"].items():
+        if fam["written"] == 0:
+            top = sorted(((n, r) for r, n in fam["skipped"].items() if n), reverse=True)[:3]
+            reasons = ", ".join(f"{r} {n}" for n, r in top) or "no records"
+            first = next((fam["examples"][r][0] for _, r in top if fam["examples"].get(r)), "")
+            empty.append(f"{family} ({fam['source']}) wrote 0 of {fam['read']} samples; top skip reasons: "
+                         f"{reasons}" + (f" (first: {first})" if first else ""))
+    if empty:
+        raise PrepareError(f"prepare: {'; '.join(empty)}. Report: {report['workdir']}/{REPORT_NAME}")
+
+
 def run(config, args) -> None:
     """The CLI entry (sgt_jax/main.py): ``args.workdir`` and ``args.source`` (ModeArgs). Returns None (absl
-    would print and exit 1 on a returned value)."""
-    prepare(config, args.workdir, args.source)
+    would print and exit 1 on a returned value); raises PrepareError (exit status 1) when a family wrote
+    nothing."""
+    check_written(prepare(config, args.workdir, args.source))
 
 
 def prepare(config, workdir: str, source: str | None = None) -> dict:

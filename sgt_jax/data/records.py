@@ -48,6 +48,7 @@ REASONS = (
     "missing_mask",  # the segmentation target of an image does not exist
     "size_mismatch",  # target H, W != image H, W
     "bad_annotation",  # undecodable annotation (RLE, panoptic segment info, JSON record)
+    "empty_annotations",  # a segmentation record that lists no instance at all (its target would be all black)
     "empty_conversation",  # no turns, or no gpt turn with text
     "image_count_mismatch",  # number of "<image>" markers != number of images
     "bad_record",  # structurally malformed record (wrong types, missing keys, unknown task)

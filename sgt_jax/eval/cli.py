@@ -212,12 +212,13 @@ def evaluate_mode(config, args) -> dict:
         raise ValueError(f"--mode evaluate with evaluate.kind={e.kind} needs --input (the benchmark file)")
     out_dir = os.path.join(args.workdir, "evaluate", e.kind)
     limit = int(e.limit) or None
-    inf = make_inferencer(config, args)
     u, g, a = config.understand, config.generate, config.analysis
+    # Inputs are read before the weights load (minutes for 7B), so a wrong path fails at once.
     if e.kind == "mcq":
         from sgt_jax.eval import mcq
 
         questions = mcq.load_benchmark(args.input)[:limit]
+        inf = make_inferencer(config, args)
         answer = lambda image, prompt: inf.understand(  # noqa: E731
             [image], prompt, max_new_tokens=int(e.mcq_max_new_tokens), vit_transform=tuple(u.vit_transform),
             cache_bucket=int(u.cache_bucket))
@@ -228,6 +229,8 @@ def evaluate_mode(config, args) -> dict:
     if e.kind == "geneval":
         from sgt_jax.eval import geneval
 
+        geneval.read_metadata(args.input)
+        inf = make_inferencer(config, args)
         result = geneval.run_geneval(args.input, out_dir, lambda p, s: generate_one(inf, config, p, [], s),
                                      n_per_prompt=int(e.geneval_n_per_prompt), seed=int(g.seed), limit=limit)
         print(f"geneval: {result}")
@@ -239,6 +242,7 @@ def evaluate_mode(config, args) -> dict:
         from sgt_jax.eval.probe import probe_report
 
         images, labels = _probe_set(config, args)
+        inf = make_inferencer(config, args)
         fx = FeatureExtractor(inf, tuple(u.vit_transform), tuple(a.probe_llm_layers))
         feats = {n_: [] for n_ in fx.names()}
         for img in tqdm(images, desc="features"):
@@ -254,6 +258,7 @@ def evaluate_mode(config, args) -> dict:
     from sgt_jax.eval.lexicon import load_lexicon
 
     vision, prompts = _attention_set(config, args)
+    inf = make_inferencer(config, args)
     result = attention_report(
         inf, vision, prompts, out_dir, lexicon=load_lexicon(str(a.lexicon)), vit_transform=tuple(u.vit_transform),
         gen_settings=dict(height=int(a.attn_gen_size[0]), width=int(a.attn_gen_size[1]),

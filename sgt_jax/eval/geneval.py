@@ -18,6 +18,7 @@ import json
 import os
 from typing import Callable
 
+import numpy as np
 from PIL import Image
 
 
@@ -28,8 +29,11 @@ def read_metadata(path: str) -> list[dict]:
     with open(path) as f:
         for i, line in enumerate(f):
             if line.strip():
-                row = json.loads(line)
-                if "prompt" not in row:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path} line {i + 1}: not JSON ({err.msg})") from None
+                if not isinstance(row, dict) or "prompt" not in row:
                     raise ValueError(f"{path} line {i + 1}: no 'prompt' field")
                 rows.append(row)
     return rows
@@ -39,10 +43,12 @@ def sample_seed(seed: int, index: int, k: int) -> int:
     return seed + index * 1000 + k
 
 
-def run_geneval(metadata_path: str, outdir: str, generate_fn: Callable[[str, int], tuple[Image.Image, dict]],
+def run_geneval(metadata_path: str, outdir: str,
+                generate_fn: Callable[[str, int], tuple[np.ndarray | Image.Image, dict]],
                 n_per_prompt: int = 4, seed: int = 42, limit: int | None = None,
                 progress: bool = True) -> dict:
-    """Generate ``n_per_prompt`` images per prompt with ``generate_fn(prompt, seed) -> (image, info)``."""
+    """Generate ``n_per_prompt`` images per prompt with ``generate_fn(prompt, seed) -> (image, info)``; the
+    image is a uint8 [H, W, 3] array (what ``sampling.cli.generate_one`` returns) or a PIL image."""
     from tqdm import tqdm
 
     if n_per_prompt < 1:
@@ -66,6 +72,8 @@ def run_geneval(metadata_path: str, outdir: str, generate_fn: Callable[[str, int
                 continue
             s = sample_seed(seed, index, k)
             image, info = generate_fn(row["prompt"], s)
+            if isinstance(image, np.ndarray):
+                image = Image.fromarray(image)
             image.save(os.path.join(samples, f"{k:04d}.png"))
             with open(os.path.join(samples, f"{k:04d}.json"), "w") as f:
                 json.dump(dict(info, prompt=row["prompt"], seed=s), f, indent=1, default=str)

@@ -23,15 +23,31 @@ from sgt_jax.sampling import flow
 
 
 def load_image(path: str) -> np.ndarray:
-    """uint8 RGB [H, W, 3] (transparency composited on white, as BAGEL's ``pil_img2rgb``)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"image {path!r} does not exist")
-    img = Image.open(path)
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, img)
-    return np.asarray(img.convert("RGB"))
+    """uint8 RGB [H, W, 3] as displayed (the data pipeline's decode: EXIF orientation applied, transparency
+    composited on white as BAGEL's ``pil_img2rgb``). ValueError naming the file if it is not an image."""
+    from sgt_jax.data.records import BadSample
+    from sgt_jax.data.sources.common import decode_rgb, read_bytes
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image {path!r} does not exist" if not os.path.exists(path) else
+                                f"image {path!r} is not a file")
+    try:
+        return decode_rgb(read_bytes(path), "image", path)
+    except BadSample as err:
+        raise ValueError(f"image {path}: not a readable image ({err.reason})") from None
+
+
+def check_images(paths) -> None:
+    """Every input image exists and its header is an image's: checked before any weight is loaded."""
+    for p in paths:
+        if not os.path.isfile(p):
+            raise FileNotFoundError(f"image {p!r} does not exist" if not os.path.exists(p) else
+                                    f"image {p!r} is not a file")
+        try:
+            with Image.open(p):
+                pass
+        except (OSError, SyntaxError, ValueError) as err:
+            raise ValueError(f"image {p}: not an image ({type(err).__name__})") from None
 
 
 def read_requests(args, need_prompt: bool = True) -> list[dict]:
@@ -41,20 +57,28 @@ def read_requests(args, need_prompt: bool = True) -> list[dict]:
             raise FileNotFoundError(f"--input {args.input!r} does not exist")
         base = os.path.dirname(os.path.abspath(args.input))
         out = []
-        with open(args.input) as f:
-            for i, line in enumerate(f):
-                if not line.strip():
-                    continue
+        from sgt_jax.data.sources.common import read_text
+
+        for i, line in enumerate(read_text(args.input, "--input").splitlines()):
+            if not line.strip():
+                continue
+            try:
                 r = json.loads(line)
-                prompt = r.get("prompt", r.get("question"))
-                if need_prompt and not prompt:
-                    raise ValueError(f"{args.input} line {i + 1}: no 'prompt' (or 'question') field")
-                imgs = r.get("images", [r["image"]] if r.get("image") else [])
-                imgs = [p if os.path.isabs(p) else os.path.join(base, p) for p in imgs]
-                out.append(dict(r, id=r.get("id", len(out)), prompt=prompt, images=imgs))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{args.input} line {i + 1}: not JSON ({err.msg})") from None
+            if not isinstance(r, dict):
+                raise ValueError(f"{args.input} line {i + 1}: not a JSON object")
+            prompt = r.get("prompt", r.get("question"))
+            if need_prompt and not prompt:
+                raise ValueError(f"{args.input} line {i + 1}: no 'prompt' (or 'question') field")
+            imgs = r.get("images", [r["image"]] if r.get("image") else [])
+            imgs = [p if os.path.isabs(p) else os.path.join(base, p) for p in imgs]
+            check_images(imgs)
+            out.append(dict(r, id=r.get("id", len(out)), prompt=prompt, images=imgs))
         return out
     if need_prompt and not args.prompt:
         raise ValueError("give --prompt (and --image for image inputs) or --input with a JSONL file of requests")
+    check_images(args.images)
     return [dict(id=0, prompt=args.prompt, images=list(args.images))]
 
 

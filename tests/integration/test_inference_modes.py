@@ -129,6 +129,21 @@ def test_evaluate_mcq_real_tiny_model(workdir):
     assert len(preds) == 2 and all("output" in p for p in preds)
 
 
+def test_evaluate_geneval_real_tiny_model(workdir):
+    """GenEval through the real generator (generate_one returns a numpy array: it used to crash on .save)."""
+    from sgt_jax.eval.cli import evaluate_mode
+
+    meta = os.path.join(workdir, "evaluation_metadata.jsonl")
+    with open(meta, "w") as f:
+        f.write(json.dumps({"tag": "single_object", "prompt": "a red circle", "include": []}) + "\n")
+    res = evaluate_mode(_config(**{"evaluate.kind": "geneval", "evaluate.geneval_n_per_prompt": 1}),
+                        _args(workdir, input=meta))
+    assert res["images_written"] == 1 and res["prompts"] == 1
+    sample = os.path.join(workdir, "evaluate", "geneval", "00000", "samples", "0000.png")
+    assert Image.open(sample).size == (32, 32)
+    assert json.load(open(sample.replace(".png", ".json")))["prompt"] == "a red circle"
+
+
 def test_evaluate_probe_and_attention(workdir):
     from sgt_jax.eval.cli import evaluate_mode
     from sgt_jax.eval.lexicon import CATEGORIES

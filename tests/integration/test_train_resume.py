@@ -1,11 +1,13 @@
 """The training loop as a subprocess: kill -9 mid-run + resume == uninterrupted (losses bitwise on CPU,
-same data order); corrupt latest checkpoint -> previous one with a warning; NaN abort.
+same data order); corrupt latest checkpoint -> previous one with a warning, the broken step moved aside and
+redone; NaN abort.
 
 All runs use the same small config and shapes, so after the first compile the others load the
 executable from a persistent compilation cache shared by this module."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,14 +38,31 @@ def _metrics(workdir):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def test_kill9_and_resume_matches_uninterrupted(tmp_path, env):
-    steps = 7
-    ref = tmp_path / "ref"
-    r = subprocess.run(_cmd(ref, steps, 2), env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+STEPS = 7
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, env):
+    """An uninterrupted run of STEPS steps (checkpoints at 2, 4, 6, 7): its workdir and metrics."""
+    ref = tmp_path_factory.mktemp("ref")
+    r = subprocess.run(_cmd(ref, STEPS, 2), env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "summary:" in r.stdout and "compiled memory per device" in r.stdout
     expected = _metrics(ref)
-    assert [m["step"] for m in expected] == list(range(1, steps + 1))
+    assert [m["step"] for m in expected] == list(range(1, STEPS + 1))
+    return ref, expected
+
+
+def _same_losses(expected, got):
+    assert [m["step"] for m in got] == list(range(1, STEPS + 1))
+    for a, b in zip(expected, got):
+        assert (a["loss"], a["ce"], a["mse"], a["grad_norm"], a["batch_crc"]) == \
+               (b["loss"], b["ce"], b["mse"], b["grad_norm"], b["batch_crc"]), (a, b)
+
+
+def test_kill9_and_resume_matches_uninterrupted(tmp_path, env, reference):
+    steps = STEPS
+    _, expected = reference
 
     run = tmp_path / "killed"
     p = subprocess.Popen(_cmd(run, steps, 2, 0.7), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -62,11 +81,24 @@ def test_kill9_and_resume_matches_uninterrupted(tmp_path, env):
     assert len(_metrics(run)) < steps
     r = subprocess.run(_cmd(run, steps, 2), env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
-    resumed = _metrics(run)
-    assert [m["step"] for m in resumed] == list(range(1, steps + 1))
-    for a, b in zip(expected, resumed):
-        assert (a["loss"], a["ce"], a["mse"], a["grad_norm"], a["batch_crc"]) == \
-               (b["loss"], b["ce"], b["mse"], b["grad_norm"], b["batch_crc"]), (a, b)
+    _same_losses(expected, _metrics(run))
+
+
+def test_damaged_latest_checkpoint_is_moved_aside_and_redone(tmp_path, env, reference):
+    """Files of the latest step partly deleted: the rerun restores the previous step, moves the broken one
+    into checkpoints_broken/ (kept, not deleted), redoes the steps, saves them again and ends like the
+    undisturbed run (before the fix it died with StepAlreadyExistsError on every retry)."""
+    ref, expected = reference
+    run = tmp_path / "damaged"
+    shutil.copytree(ref, run)
+    shutil.rmtree(run / "checkpoints" / str(STEPS) / "opt" / "ocdbt.process_0" / "d")
+    r = subprocess.run(_cmd(run, STEPS, 2), env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"step {STEPS} could not be restored: moved it to {run / 'checkpoints_broken' / str(STEPS)}" in r.stderr
+    assert "StepAlreadyExistsError" not in r.stderr
+    assert (run / "checkpoints_broken" / str(STEPS) / "opt").is_dir()  # what might be recovered is kept
+    assert store.all_steps(store.make_manager(str(run), keep=3, read_only=True))[-1] == STEPS
+    _same_losses(expected, _metrics(run))
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path, env):
@@ -110,6 +142,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     np.testing.assert_array_equal(np.asarray(restored["params"]["w"]), tree(1)["w"])
     assert restored["data"] == {"process_count": 1, "states": [{"k": 1}]}
     assert any("step 2" in r.message and "previous" in r.message for r in caplog.records)
+    assert (tmp_path / "checkpoints_broken" / "2" / "params").is_dir() and not (tmp_path / "checkpoints" / "2").exists()
 
 
 def test_nan_losses_abort_after_k_in_a_row(tmp_path, env):

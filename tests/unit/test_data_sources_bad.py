@@ -148,7 +148,7 @@ def test_sa1b_bad_annotations(tmp_path):
     (tmp_path / "sa_1.jpg").write_bytes(JPG)
     (tmp_path / "sa_1.json").write_text("{broken")
     (tmp_path / "sa_2.jpg").write_bytes(JPG)
-    (tmp_path / "sa_2.json").write_text(json.dumps({"annotations": [{"segmentation": {"size": [10, 10], "counts": "00"}}]}))
+    (tmp_path / "sa_2.json").write_text(json.dumps({"annotations": [{"segmentation": {"size": [10, 10], "counts": [100]}}]}))
     (tmp_path / "sa_3.jpg").write_bytes(JPG)  # no json
     src = sources.Sa1bSource(str(tmp_path))
     reasons = []

@@ -32,7 +32,8 @@ __all__ = ["Source", "build_seg_source", "build_vqa_source", "SEG_KINDS", "VQA_K
 
 def _common(config, section) -> dict:
     return dict(proxy_task=config.data.get("proxy_task", "segmentation"), seed=int(config.data.get("seed", 0)),
-                max_samples=int(section.get("max_samples", 0)))
+                max_samples=int(section.get("max_samples", 0)),
+                mask_size_mismatch=str(config.data.get("mask_size_mismatch", "skip")))
 
 
 def build_seg_source(config, root_override: str | None = None) -> Source:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from sgt_jax.data.proxy_tasks import task_of
-from sgt_jax.data.sources.common import decode_canonical
+from sgt_jax.data.sources.common import check_mask_policy, decode_canonical
 
 
 class Source:
@@ -26,9 +26,11 @@ class Source:
     name = "source"
     family = "seg"  # "seg" or "vqa"
 
-    def __init__(self, *, proxy_task: str = "segmentation", seed: int = 0, max_samples: int = 0):
+    def __init__(self, *, proxy_task: str = "segmentation", seed: int = 0, max_samples: int = 0,
+                 mask_size_mismatch: str = "skip"):
         task_of(proxy_task)  # validate early, with a message naming the config field
         self.proxy_task = proxy_task
+        self.mask_size_mismatch = check_mask_policy(mask_size_mismatch)
         self.seed = int(seed)
         self.max_samples = int(max_samples)
         self._subset: np.ndarray | None = None
@@ -64,7 +66,7 @@ class Source:
 
     def decode(self, raw) -> dict:
         return decode_canonical(self.canonical(raw), self.proxy_task if self.family == "seg" else "segmentation",
-                                self.seed)
+                                self.seed, self.mask_size_mismatch)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, len={len(self)}, proxy_task={self.proxy_task!r})"

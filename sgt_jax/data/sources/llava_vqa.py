@@ -19,7 +19,7 @@ import os
 
 from sgt_jax.data.records import BadSample
 from sgt_jax.data.sources.base import Source
-from sgt_jax.data.sources.common import read_bytes
+from sgt_jax.data.sources.common import load_json, read_bytes
 
 ROLE_ALIASES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
@@ -41,11 +41,7 @@ class LlavaVqaSource(Source):
         self.lines: list[bytes] = []  # array: one compact JSON per record
         self.offsets: list[int] = []  # JSONL: byte offset of each non-blank line
         if self.is_array:
-            with open(self.path, encoding="utf-8") as f:
-                try:
-                    doc = json.load(f)
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"llava: {self.path!r} starts with '[' but is not valid JSON: {err}") from None
+            doc = load_json(self.path, "llava annotations")
             self.lines = [json.dumps(r, ensure_ascii=False, separators=(",", ":")).encode() for r in doc]
         else:
             with open(self.path, "rb") as f:
@@ -74,9 +70,13 @@ class LlavaVqaSource(Source):
         """Parses the record and reads its image files -> canonical VQA record (may raise BadSample)."""
         key = raw["key"]
         try:
-            rec = json.loads(raw["record"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BadSample("bad_record", f"{key}: invalid JSON: {err}") from None
+            text = raw["record"].decode("utf-8")  # explicit: json.loads(bytes) guesses UTF-16/32 for garbage
+        except UnicodeDecodeError as err:
+            raise BadSample("bad_record", f"{key}: not UTF-8 (byte offset {err.start} in the record)") from None
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise BadSample("bad_record", f"{key}: invalid JSON: {err.msg} at column {err.colno}") from None
         if not isinstance(rec, dict):
             raise BadSample("bad_record", f"{key}: record is a {type(rec).__name__}, not an object")
         if rec.get("id") not in (None, ""):

@@ -11,8 +11,9 @@
    inside the tar; other members are ignored. A stem seen twice in one shard keeps its last member. The index (member offsets) is built once when
    the source is created by reading only the tar headers; reads then seek straight to the member data.
 
-The masks are used as they are (already rendered); a mask whose size differs from the image is bad data
-(``size_mismatch``), never bicubic-resized as in the reference.
+The masks are used as they are (already rendered). A mask whose size differs from the image (as displayed:
+EXIF orientation applied) is skipped as ``size_mismatch``, or resized nearest-neighbour with
+``config.data.mask_size_mismatch="resize_nearest"``; never bicubic-resized as in the reference.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import os
 import tarfile
 
 from sgt_jax.data.sources.base import Source
-from sgt_jax.data.sources.common import read_bytes
+from sgt_jax.data.sources.common import read_bytes, read_text
 
 IMAGE_EXTS = (".jpg", ".jpeg")
 MASK_EXT = ".png"
@@ -51,8 +52,7 @@ class SamSgtFolderSource(Source):
             raise FileNotFoundError(f"sam_sgt: list file {list_path!r} (config.data.sources.seg.list_file) "
                                     "does not exist")
         self.root = root
-        with open(list_path, encoding="utf-8") as f:
-            lines = [ln.strip() for ln in f]
+        lines = [ln.strip() for ln in read_text(list_path, "sam_sgt list file").splitlines()]
         self.paths = [p if os.path.isabs(p) else os.path.join(root, p) for p in lines if p and not p.startswith("#")]
         if not self.paths:
             raise ValueError(f"sam_sgt: list file {list_path!r} names no images")
@@ -84,14 +84,17 @@ class SamSgtTarSource(Source):
         self.index: list[tuple[str, int, tuple[int, int] | None, tuple[int, int] | None]] = []
         for sid, shard in enumerate(self.shards):
             groups: dict[str, dict[str, tuple[int, int]]] = {}
-            with tarfile.open(shard, mode="r:") as tf:  # uncompressed tar: members are seekable in place
-                for m in tf:
-                    if not m.isfile():
-                        continue
-                    stem, ext = os.path.splitext(os.path.basename(m.name))
-                    kind = "image" if ext.lower() in IMAGE_EXTS else "mask" if ext.lower() == MASK_EXT else None
-                    if kind and stem:
-                        groups.setdefault(stem, {})[kind] = (m.offset_data, m.size)
+            try:
+                with tarfile.open(shard, mode="r:") as tf:  # uncompressed tar: members are seekable in place
+                    for m in tf:
+                        if not m.isfile():
+                            continue
+                        stem, ext = os.path.splitext(os.path.basename(m.name))
+                        kind = "image" if ext.lower() in IMAGE_EXTS else "mask" if ext.lower() == MASK_EXT else None
+                        if kind and stem:
+                            groups.setdefault(stem, {})[kind] = (m.offset_data, m.size)
+            except tarfile.TarError as err:  # also a compressed tar: shards are read in place, uncompressed
+                raise ValueError(f"sam_sgt_tar: {shard}: not a readable uncompressed tar file ({err})") from None
             for stem in sorted(groups):
                 g = groups[stem]
                 if "image" not in g:  # a mask without an image is not a sample

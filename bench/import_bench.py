@@ -80,6 +80,8 @@ def child(folder: str) -> dict:
     from sgt_jax.checkpoint import convert, folder as folder_lib, streaming
     from sgt_jax.checkpoint.safetensors_io import SliceReader
     from sgt_jax.checkpoint.table import get_path
+    from sgt_jax.models.bagel import abstract_params
+    from sgt_jax.parallel.mesh import logical_rules, make_mesh
 
     config = _model(2)  # only the non-architecture fields are used; the architecture is inferred
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -87,7 +89,7 @@ def child(folder: str) -> dict:
     fold = folder_lib.open_folder(folder)
     m = folder_lib.infer_model_config(fold, config.model)
     convert.check_folder(fold, m)
-    abstract = convert.abstract_params(m, *convert._mesh_and_rules(config))
+    abstract = abstract_params(m, mesh=make_mesh(config.mesh), rules=logical_rules(config))
     t_setup = time.time() - t0
     tracemalloc.start()  # after the model tracing (tracemalloc slows Python down a lot)
     sampler = _ProcSampler()

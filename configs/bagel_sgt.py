@@ -1,8 +1,10 @@
 """BAGEL-7B-MoT SGT configs.
 
 Variants (``--config configs/bagel_sgt.py:VARIANT``):
-  7b    BAGEL-7B-MoT with the paper's SGT hyper-parameters (specs/bagel.md §1, specs/sgt_recipe.md §3.1).
+  7b    BAGEL-7B-MoT with the paper's SGT hyper-parameters (BAGEL-7B-MoT's `llm_config.json` / `vit_config.json`, song2yu/SGT `BAGEL/shells/train_sgt.sh`).
   tiny  a few-M-parameter model of the same shape family, for CPU runs and tests.
+  small ~8.4 M parameters of the same family, sized to LEARN the synthetic world on a CPU (the SGT ablation of
+        bench/toy_sgt.py); otherwise the tiny variant's settings (synthetic data, fp32, dense attention).
 
 Each top-level section belongs to one part of the code base:
   model -> sgt_jax/models, data -> sgt_jax/data, train/optim -> sgt_jax/train, mesh -> sgt_jax/parallel,
@@ -12,7 +14,7 @@ Each top-level section belongs to one part of the code base:
 
 import ml_collections
 
-VARIANTS = ("7b", "tiny")
+VARIANTS = ("7b", "tiny", "small")
 
 
 def _model_7b():
@@ -35,7 +37,7 @@ def _model_7b():
             hidden_size=1152,
             intermediate_size=4304,
             num_heads=16,
-            num_layers=26,  # vit_config.json lists 27; BAGEL instantiates 26 (specs/bagel.md §1.4)
+            num_layers=26,  # vit_config.json lists 27; BAGEL instantiates 26 (ByteDance-Seed/Bagel `modeling/bagel/siglip_navit.py`)
             patch_size=14,
             max_patches_per_side=70,
             layer_norm_eps=1e-6,
@@ -65,7 +67,10 @@ def _model_7b():
     m.remat_policy = "full"  # sgt_jax/models/remat.py POLICIES; --config.compile.search_remat picks one
     m.attention_impl = "chunked"  # "dense" (tests, small packs) or "chunked" (memory-lean, long packs)
     m.attention_chunk = 1024  # query/key block of "chunked" attention (H200, 16k tokens: docs/model.md)
-    m.freeze_und = False  # True: stop gradients at the und expert (reference freeze_und, specs/bagel.md §1.3)
+    # Sin-cos position tables: "float32" (the official trainer's values) or "bfloat16" (the copies in a BAGEL
+    # folder, which the official inference code uses; on in the official evaluation presets)
+    m.pos_table_dtype = "float32"
+    m.freeze_und = False  # True: stop gradients at the und expert (reference freeze_und, ByteDance-Seed/Bagel `modeling/bagel/qwen2_navit.py`)
     return m
 
 
@@ -85,6 +90,32 @@ def _model_tiny():
     m.attention_impl = "dense"
     m.attention_chunk = 128
     return m
+
+
+def _model_small():
+    m = _model_tiny()
+    m.llm.update(dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=64,
+                      intermediate_size=768))
+    m.vit.update(dict(hidden_size=128, intermediate_size=256, num_heads=2, num_layers=2))
+    # VAE stride 8 (downsample 4 x latent patch 2): a 64x64 scene is 8x8 latent tokens of 2*2*8 values.
+    m.vae.update(dict(ch_mult=(1, 2, 2), z_channels=8))
+    return m
+
+
+def _small_overrides(c):
+    """The small variant: the tiny variant's settings with the model, world and budgets of bench/toy_sgt.py."""
+    c.model = _model_small()
+    # Square 64x64 scenes (8x8 latent tokens per generated image), with relative-size questions.
+    c.data.sources.synthetic.update(dict(sizes=((64, 64),), num_samples=4096, size_questions=True))
+    c.data.transforms.update(dict(vae=(64, 32, 8)))
+    c.data.packs_per_batch = 1
+    # One pack holds 4 generated images (4 x 64 gen tokens) with 2 VQA samples, or 1 VQA + 4 SGT samples
+    # (bench/toy_sgt.py; the most und tokens measured over 150 such steps: 236).
+    c.data.pack = ml_collections.ConfigDict(dict(und_tokens=288, gen_tokens=256, vit_patches=96, ce_labels=96,
+                                                 vae_images=4))
+    c.generate.update(dict(height=64, width=64, num_timesteps=12))
+    c.analysis.update(dict(attn_gen_size=(64, 64)))
+    c.mesh.max_replicated_fraction = 0.25
 
 
 def _data_sources(variant):
@@ -134,14 +165,18 @@ def _data_pipeline(c, variant):
     d.tokenizer = "synthetic" if tiny else ""
     d.packs_per_batch = 2 if tiny else 8  # GLOBAL packs per step (each process makes packs_per_batch // processes)
     # Static budgets per pack: U und tokens (text, markers, ViT), Z gen (latent) tokens, P ViT patches,
-    # L CE labels, NI VAE image slots. 7b: 16k tokens per pack per chip (the paper's expected_num_tokens).
+    # L CE labels, NI VAE image slots. 7b: 18k tokens per pack per chip, >= 90 % filled by the 2:1 mix, so a
+    # pack holds about the ~16.4k+ real tokens of an official pack (bench/results/packing.md).
     d.pack = ml_collections.ConfigDict(
         dict(und_tokens=256, gen_tokens=256, vit_patches=128, ce_labels=64, vae_images=4) if tiny else
-        dict(und_tokens=6144, gen_tokens=10240, vit_patches=6144, ce_labels=4096, vae_images=8)
+        dict(und_tokens=6656, gen_tokens=11776, vit_patches=6144, ce_labels=4096, vae_images=8)
     )
     # Explicit seg:VQA quota per global batch. mode "samples": every batch holds exactly seg:vqa samples in
     # that ratio (whole groups of seg+vqa samples); "tokens": the ratio of their tokens, greedily tracked.
     d.quota = ml_collections.ConfigDict(dict(mode="samples", seg=2, vqa=1))
+    # Candidate samples per group that the packer chooses from (best fit, sgt_jax/data/mixing.py); part of the
+    # checkpointed iterator state. 1 = arrival order.
+    d.pack_buffer = 4 if tiny else 64
     d.text_cond_dropout = 0.1  # SGT plan: the instruction split is dropped with this p (no RoPE advance)
     # ImageTransform (max, min, stride); vlm_max_pixels is shared by the images of one VQA sample.
     d.transforms = ml_collections.ConfigDict(
@@ -165,7 +200,8 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
         raise ValueError(f"unknown bagel_sgt variant {variant!r}; choose one of {VARIANTS}")
     c = ml_collections.ConfigDict()
     c.variant = variant
-    c.model = _model_7b() if variant == "7b" else _model_tiny()
+    base = "tiny" if variant == "small" else variant  # small = tiny settings + _small_overrides at the end
+    c.model = _model_7b() if base == "7b" else _model_tiny()
 
     # ---- data (sgt_jax/data) ----
     c.data = ml_collections.ConfigDict()
@@ -173,23 +209,32 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     # -- data.sources / data.proxy_task (sgt_jax/data/sources, docs/data_sources.md) --
     # proxy task of the segmentation-family samples: segmentation | reconstruction | edge | inpainting
     c.data.proxy_task = "segmentation"
+    # Segmentation instructions, for training and inference alike: "" = the built-in templates
+    # (sgt_jax/data/templates.py), or a file: a JSON array of strings or text with one instruction per line.
+    c.data.seg_instructions = ""
     # A mask (or RLE) of another size than its image: "skip" (default: a mismatch means a wrong pairing, a
     # crop or a rotation that a resize would hide) | "resize_nearest" (masks stored at another resolution;
     # the reference resizes bicubically, we never blend colours). docs/data_sources.md §2.
     c.data.mask_size_mismatch = "skip"
-    c.data.sources = _data_sources(variant)
-    _data_pipeline(c, variant)  # -- data pipeline keys (sgt_jax/data pipeline, docs/data_pipeline.md) --
+    c.data.sources = _data_sources(base)
+    _data_pipeline(c, base)  # -- data pipeline keys (sgt_jax/data pipeline, docs/data_pipeline.md) --
+    # ---- --mode prepare at pod scale (sgt_jax/data/prepare_shards.py) ----
+    # "": one process, or every process of a jax.distributed job its own slice; "i/n": shard i of n on
+    # separate machines (the last to finish merges); "merge": only merge the parts in --workdir.
+    c.prepare = ml_collections.ConfigDict(dict(shard=""))
 
     # ---- train / optim (sgt_jax/train) ----
     c.train = ml_collections.ConfigDict()
-    c.train.steps = 8000 if variant == "7b" else 20
+    c.train.steps = 8000 if base == "7b" else 20
     c.train.seed = 4396
     c.train.ce_weight = 1.5
     c.train.mse_weight = 1.0
     c.train.timestep_shift = 1.0
-    c.train.platform = "tpu" if variant == "7b" else "any"  # startup check: "", any, cpu, gpu, tpu
-    c.train.ce_chunk = 2048 if variant == "7b" else 16  # CE labels per LM-head chunk (never [L, V] at once)
-    c.train.ema_decay = 0.9999
+    c.train.platform = "tpu" if base == "7b" else "any"  # startup check: "", any, cpu, gpu, tpu
+    c.train.ce_chunk = 2048 if base == "7b" else 16  # CE labels per LM-head chunk (never [L, V] at once)
+    # EMA of the trainable weights (what inference loads by default). 7b: 0.9999 (the paper's recipe);
+    # tiny: 0.9, so that its 20-step run already moves the EMA (0.9999 ** 20 would keep 99.8 % of the init).
+    c.train.ema_decay = 0.9999 if base == "7b" else 0.9
     c.train.ema_dtype = "float32"  # or "bfloat16" (halves EMA memory)
     c.train.ema_offload = False  # keep the EMA in pinned_host memory (error if the backend has none)
     c.train.max_consecutive_nonfinite = 5  # NaN/Inf loss or grad: update skipped; abort after this many in a row
@@ -204,13 +249,14 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     c.train.stop_check_every = 10
     # (first, last) step of a jax.profiler trace written to <workdir>/profile; () = no trace.
     c.train.profile_steps = ()
-    c.train.log_every = 1
     c.train.tensorboard = True
+    # Per-device peak FLOP/s for the MFU column (0: the TPU chip's bf16 peak from its device kind; none on CPU).
+    c.train.peak_flops = 0.0
     # Freezing (SGT default: everything trains except the VAE, which is always frozen).
     c.train.freeze = ml_collections.ConfigDict(
         dict(vit=False, connector=False, und=False, gen=False, embeddings=False, lm_head=False))
     c.optim = ml_collections.ConfigDict(
-        dict(lr=1e-4, warmup_steps=1000 if variant == "7b" else 2, schedule="constant", min_lr=1e-7,
+        dict(lr=1e-4, warmup_steps=1000 if base == "7b" else 2, schedule="constant", min_lr=1e-7,
              b1=0.9, b2=0.95, eps=1e-15, weight_decay=0.0, clip_norm=1.0,
              mu_dtype="float32")  # "bfloat16": Adam's first moment in bf16 (sgt_jax/train/optim.py)
     )
@@ -251,7 +297,7 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
         ("act_mlp", "tensor"),
         ("act_vocab", "tensor"),
     )
-    c.mesh.max_replicated_fraction = 0.02 if variant == "7b" else 0.25  # startup check (tiny: norms weigh more)
+    c.mesh.max_replicated_fraction = 0.02 if base == "7b" else 0.25  # startup check (tiny: norms weigh more)
     # Multi-process launch (also read from $SGT_COORDINATOR_ADDRESS/$SGT_NUM_PROCESSES/$SGT_PROCESS_ID);
     # auto=True lets jax.distributed detect the cluster (TPU pods). Empty: single process.
     c.mesh.distributed = ml_collections.ConfigDict(
@@ -259,7 +305,7 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
 
     # ---- checkpoint (sgt_jax/checkpoint) ----
     c.checkpoint = ml_collections.ConfigDict()
-    c.checkpoint.every = 1000 if variant == "7b" else 10
+    c.checkpoint.every = 1000 if base == "7b" else 10
     c.checkpoint.keep = 3
     c.checkpoint.init_from = ""  # "" (random init), an imported workdir, or a BAGEL PyTorch folder
     c.checkpoint.async_save = True
@@ -275,7 +321,7 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     # skips the rest, and compile mode reports executed FLOPs with it (0: report only the upper bound,
     # every block computed). 7b: 0.3, above every batch measured by bench/attention_live_blocks.py at
     # chunk 1024 (0.20-0.28; bench/results/attention_blocks.md).
-    c.compile.attention_live_fraction = 0.3 if variant == "7b" else 0.0
+    c.compile.attention_live_fraction = 0.3 if base == "7b" else 0.0
     # Remat search: compile the policies of remat_candidates (() = sgt_jax/models/remat.py SEARCH_ORDER, the
     # least recompute first) and report the first that leaves hbm_headroom of the HBM free.
     c.compile.search_remat = False
@@ -283,14 +329,16 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     c.compile.hbm_headroom = 0.1
 
     # ---- generate / understand / segment / evaluate / analysis (sgt_jax/sampling, sgt_jax/eval) ----
-    _inference(c, variant)
+    _inference(c, base)
 
+    if variant == "small":
+        _small_overrides(c)
     return c
 
 
 def _inference(c, variant):
     """generate / understand / segment / evaluate / analysis (owner: sgt_jax/sampling, sgt_jax/eval;
-    docs/inference.md). Defaults follow BAGEL's inference notebook/app (specs/bagel.md §3.6)."""
+    docs/inference.md). Defaults follow BAGEL's inference notebook/app (ByteDance-Seed/Bagel `inference.ipynb` and `app.py`)."""
     tiny = variant == "tiny"
     cd = ml_collections.ConfigDict
     # KV-cache capacities are rounded up to this multiple: a bounded set of compiled shapes.
@@ -302,12 +350,14 @@ def _inference(c, variant):
         height=32 if tiny else 1024,  # text-to-image output size (editing: the resized input's size)
         width=32 if tiny else 1024,
         num_images=1,  # images per request (seeds seed, seed+1, ...)
+        # float -> uint8 of the output image: "round" (nearest) or "truncate" (the official inference code)
+        uint8="round",
         t2i=cd(dict(cfg_text_scale=4.0, cfg_img_scale=1.0, cfg_interval=(0.4, 1.0), cfg_renorm_type="global",
                     cfg_renorm_min=0.0)),
         edit=cd(dict(cfg_text_scale=4.0, cfg_img_scale=2.0, cfg_interval=(0.0, 1.0),
                      cfg_renorm_type="text_channel", cfg_renorm_min=0.0)),
         # image inputs: "vae_vit" = BAGEL editing (clean VAE latents then ViT tokens), "vit" = ViT only (the
-        # SGT segmentation training plan, specs/sgt_recipe.md §1.2)
+        # SGT segmentation training plan, song2yu/SGT `BAGEL/data/sam_190k.py`)
         image_condition="vae_vit",
         vae_sample=True,  # condition latents: posterior sample (BAGEL) or the mean (False)
         think=False,  # generate reasoning text first and append it to the gen context only (§3.5)
@@ -329,7 +379,9 @@ def _inference(c, variant):
         # synthetic: held-out shapes-world scenes; data: the records of config.data.sources.seg (root
         # overridable with --input), ground truth = the rendered target's colours
         source="synthetic",
-        instruction="Segment every instance with a different color.",
+        # "" = the first segmentation instruction of the run's list (a training instruction:
+        # config.data.seg_instructions, else the built-in templates, sgt_jax/data/templates.py)
+        instruction="",
         start_index=100_000,  # synthetic: first scene index (training uses 0..num_samples-1)
         num_images=2 if tiny else 200,
         image_condition="vit",  # as SGT trains: ViT view of the image + instruction (see generate)
@@ -340,11 +392,14 @@ def _inference(c, variant):
                         background_color=(0, 0, 0), split_components=False, reject_blends=True)),
     ))
     c.evaluate = cd(dict(
+        # a named protocol that sets the fields below and others (sgt_jax/eval/presets.py, docs/inference.md):
+        # "" | "geneval_official" (long prompts, the paper's 0.88 -> 0.90) | "geneval_short" (78.21 -> 80.95)
+        preset="",
         kind="mcq",  # mcq | geneval | probe | attention
         limit=0,  # 0 = all items
         mcq_suffix="Answer with the option's letter from the given choices directly.",
         mcq_max_new_tokens=8 if tiny else 16,
-        geneval_n_per_prompt=4,
+        geneval_n_per_prompt=4,  # GenEval's own protocol; the official BAGEL script (the presets) uses 1
     ))
     c.analysis = cd(dict(
         # linear probe (sgt_jax/eval/probe.py): features = "vit" and "llm<layer>" for each layer below

@@ -36,7 +36,13 @@ from typing import Any, Callable
 
 import jax
 
+from sgt_jax import parallel
+from sgt_jax.data.packing import BatchLayout, empty_batch
+from sgt_jax.parallel import mesh as mesh_lib
 from sgt_jax.train import flops as flops_lib
+from sgt_jax.train import step as step_lib
+from sgt_jax.train.freeze import flops_frozen_modules
+from sgt_jax.train.state import latents_online
 
 # ---------------------------------------------------------------------------------------------------
 # Topologies
@@ -302,9 +308,6 @@ def format_report(r: dict[str, Any]) -> str:
 def abstract_batch(config, batch_sharding) -> dict:
     """ShapeDtypeStructs of one global batch (docs/interfaces.md §1) carrying the batch sharding; built
     from a 1-pack padding batch of the data layout, so the keys and dtypes are exactly what the loop feeds."""
-    from sgt_jax import parallel  # noqa: PLC0415
-    from sgt_jax.data.packing import BatchLayout, empty_batch  # noqa: PLC0415
-
     packs = int(config.data.packs_per_batch)
     one = parallel.device_part(empty_batch(BatchLayout.from_config(config), 1))
     shard = (lambda k: batch_sharding[k]) if isinstance(batch_sharding, dict) else (lambda k: batch_sharding)
@@ -314,8 +317,6 @@ def abstract_batch(config, batch_sharding) -> dict:
 def _build_train_step(config, mesh):
     """The real train step (sgt_jax/train/step.py ``build_train_step``) and its abstract arguments:
     ``(jitted_step, (abstract_state, abstract_batch))``, all ShapeDtypeStructs with NamedShardings."""
-    from sgt_jax.train import step as step_lib  # noqa: PLC0415 (heavy import, only in compile mode)
-
     jitted, abstract_state, batch_sharding = step_lib.build_train_step(config, mesh)
     return jitted, (abstract_state, abstract_batch(config, batch_sharding))
 
@@ -326,8 +327,6 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
     """Compile ``config``'s train step over ``devices`` and return the report dict; ``progress`` gets
     one-line status messages (compile mode prints them). ``count_oom_flops=False`` skips the FLOP count of
     a step that does not fit (the remat search)."""
-    from sgt_jax.parallel import mesh as mesh_lib
-
     if spec is None:
         spec = parse_topology(config.compile.topology)
     if devices is None:
@@ -342,18 +341,14 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
               "num_slices": num_slices, "num_devices": n, "hosts": spec.hosts * num_slices,
               "chip": spec.chip.name, "chip_peak_bf16_flops": spec.chip.peak_bf16_flops,
               "mesh": dict(mesh.shape), "packs_per_step": packs, "tokens_per_pack": budgets.tokens,
-              "tokens_per_chip": packs * budgets.tokens / n, "variant": config.get("variant", ""),
+              "tokens_per_chip": packs * budgets.tokens / n, "variant": config.variant,
               "pack_budgets": dataclasses.asdict(budgets), "remat_policy": str(config.model.remat_policy),
-              "ema_dtype": str(config.train.get("ema_dtype", "")), "latents": str(config.data.get("latents", "")),
-              "microbatches": int(config.train.get("microbatches", 1)),
-              "mu_dtype": str(config.optim.get("mu_dtype", "float32"))}
+              "ema_dtype": str(config.train.ema_dtype), "latents": str(config.data.latents),
+              "microbatches": int(config.train.microbatches), "mu_dtype": str(config.optim.mu_dtype)}
     report.update(compile_and_analyse(jitted, args, hbm_bytes=spec.chip.hbm_bytes, progress=progress))
     if not report["fits"] and not count_oom_flops:
         return report
     progress("counting the traced program's FLOPs")
-    from sgt_jax.train.freeze import flops_frozen_modules  # noqa: PLC0415
-    from sgt_jax.train.state import latents_online  # noqa: PLC0415
-
     analytic = flops_lib.step_flops(config.model, budgets, packs=packs, frozen=flops_frozen_modules(config),
                                     vae_online=latents_online(config))
     act = flops_lib.active_params(config.model)
@@ -366,7 +361,7 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
                    "traced_flops": traced, "traced_over_analytic": traced / analytic.total,
                    "traced_over_analytic_plus_remat": traced / (analytic.total + analytic.remat_recompute_flops()),
                    "skippable_flops": skippable, "trace_s": time.time() - t0})
-    live = float(config.compile.get("attention_live_fraction", 0.0))
+    live = float(config.compile.attention_live_fraction)
     if not 0.0 <= live <= 1.0:
         raise ValueError(f"config.compile.attention_live_fraction must be in [0, 1] (0: not given), got {live}")
     if live:  # executed = bound minus the dead blocks' share of the skippable part
@@ -409,8 +404,8 @@ def _apply_compile_overrides(config):
     """``compile.packs_per_chip`` > 0 sets the global packs per step to packs_per_chip x chips."""
     c = config.compile
     spec = parse_topology(c.topology)
-    num_slices = int(c.get("num_slices", 1))
-    packs_per_chip = int(c.get("packs_per_chip", 0))
+    num_slices = int(c.num_slices)
+    packs_per_chip = int(c.packs_per_chip)
     if packs_per_chip < 0:
         raise ValueError(f"config.compile.packs_per_chip must be >= 0, got {packs_per_chip}")
     if packs_per_chip:  # an existing field: allowed on a locked ConfigDict
@@ -420,15 +415,15 @@ def _apply_compile_overrides(config):
 
 def run(config, args) -> int:
     """``--mode compile``: compile for ``config.compile.topology``, print the report, write its JSON."""
-    if not config.compile.get("topology"):
+    if not config.compile.topology:
         raise ValueError("--mode compile needs --config.compile.topology=<type>, e.g. v5p-16, v4-32, "
                          "v5litepod-64, v6e-64")
     jax.config.update("jax_platforms", "cpu")  # the host backend; TPU devices are abstract
     spec, num_slices = _apply_compile_overrides(config)
     kw = dict(spec=spec, num_slices=num_slices, progress=lambda m: print(f"[compile] {m}", flush=True))
-    if bool(config.compile.get("search_remat", False)):
-        report = search_remat(config, headroom=float(config.compile.get("hbm_headroom", 0.1)),
-                              candidates=tuple(config.compile.get("remat_candidates", ()) or ()), **kw)
+    if bool(config.compile.search_remat):
+        report = search_remat(config, headroom=float(config.compile.hbm_headroom),
+                              candidates=tuple(config.compile.remat_candidates or ()), **kw)
     else:
         report = compile_config(config, **kw)
     text = format_report(report)

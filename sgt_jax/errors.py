@@ -73,8 +73,8 @@ def unknown_config_field(err: BaseException, argv: list[str]) -> str | None:
     name = str(err.args[0] if err.args else err).strip("\"'")
     for arg in argv:
         if arg.startswith("--config.") and name in arg.split("=", 1)[0][len("--config."):].split("."):
-            return (f"{arg.split('=', 1)[0]}: the config has no field {name!r} (see the config file for the "
-                    f"fields, or python -m sgt_jax.main --helpfull)")
+            return (f"{arg.split('=', 1)[0]}: the config has no field {name!r} (--print_config lists every "
+                    f"field of the config)")
     return None
 
 

@@ -41,4 +41,5 @@ def tiny_config():
 
 
 def pytest_report_header(config):
-    return f"SGT_REQUIRE_TORCH={os.environ.get('SGT_REQUIRE_TORCH', '0')}"
+    return (f"SGT_REQUIRE_TORCH={os.environ.get('SGT_REQUIRE_TORCH', '0')} "
+            f"SGT_REQUIRE_LIBTPU={os.environ.get('SGT_REQUIRE_LIBTPU', '0')}")

@@ -71,7 +71,8 @@ code("""# Helpers: load a config with overrides, run a mode in-process, show the
 import importlib
 from IPython.display import Image, display
 from sgt_jax.configs_util import load_config
-from sgt_jax.main import MODES, ModeArgs
+from sgt_jax.main import MODES
+from sgt_jax.mode_args import ModeArgs
 
 def config_with(spec, **overrides):
     \"\"\"load_config(spec) then set dotted fields, e.g. config_with("configs/sgt_tiny.py", **{"train.steps": 4}).\"\"\"

@@ -4,9 +4,9 @@ In memory (tests, parity checks, small models):
   ``bagel_state_dict_to_params(state_dict, cfg_model)`` -> nested dict of fp32 numpy arrays matching
       ``nnx.state(model, nnx.Param).to_pure_dict()`` for every Bagel parameter except the VAE.
   ``params_to_bagel_state_dict(params, cfg_model, dtype=...)`` -> the BAGEL ``ema.safetensors`` dict
-      (exact key names and shapes of specs/bagel.md §4.2, sin-cos tables included).
-  ``vae_state_dict_to_params`` / ``params_to_vae_state_dict``: the vision engineer's converters
-      (sgt_jax/checkpoint/vision_tables.py), re-exported.
+      (exact key names and shapes of the `ema.safetensors` of `ByteDance-Seed/BAGEL-7B-MoT`, sin-cos tables included).
+  ``vae_state_dict_to_params`` / ``params_to_vae_state_dict``: the VAE converters
+      (sgt_jax/checkpoint/vision_tables.py), re-exported; ``load_vae(folder, cfg_vae)``: the VAE of a folder.
 
 Streaming, sharded (any model size; every process reads only the slices its devices own):
   ``import_folder(source, config)`` -> (params as sharded jax.Arrays, model config, metadata)
@@ -27,16 +27,24 @@ import time
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
+from safetensors import safe_open
 
 from sgt_jax.checkpoint import folder as folder_lib
-from sgt_jax.checkpoint import streaming
+from sgt_jax.checkpoint import store, streaming, vision_tables
 from sgt_jax.checkpoint.llm_tables import heads_table, llm_table, sincos_tables, sincos_value
 from sgt_jax.checkpoint.safetensors_io import SliceReader, StreamingWriter, TensorInfo, numpy_dtype, write_all
 from sgt_jax.checkpoint.table import (ConversionError, check_keys, check_tree, expected_shapes,
                                       flatten_paths, state_dict_to_tree, tree_to_state_dict)
+from sgt_jax.checkpoint.vision_tables import params_to_vae_state_dict, vae_state_dict_to_params
 from sgt_jax.checkpoint.vit_table import vit_table
+from sgt_jax.configs_util import load_config
+from sgt_jax.models.bagel import abstract_params
+from sgt_jax.models.flux_vae import FluxVAE
+from sgt_jax.parallel.mesh import logical_rules, make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -84,42 +92,33 @@ def params_to_bagel_state_dict(params: Mapping, cfg_model, *, dtype=None) -> dic
     return out
 
 
-def vae_state_dict_to_params(state_dict, cfg_vae):
-    from sgt_jax.checkpoint import vision_tables
+def load_vae(folder: str, cfg_vae) -> FluxVAE:
+    """The frozen FLUX VAE with the weights of a BAGEL folder's ``ae.safetensors``.
 
-    return vision_tables.vae_state_dict_to_params(state_dict, cfg_vae)
-
-
-def params_to_vae_state_dict(params, cfg_vae):
-    from sgt_jax.checkpoint import vision_tables
-
-    return vision_tables.params_to_vae_state_dict(params, cfg_vae)
+    Built abstractly (``nnx.eval_shape``) and filled from the file, so no random init runs."""
+    path = os.path.join(folder, folder_lib.AE_FILE)
+    if not folder or not os.path.exists(path):
+        raise FileNotFoundError(f"the VAE weights {path!r} are not there (set config.checkpoint.init_from to a "
+                                "BAGEL checkpoint folder)")
+    with safe_open(path, framework="flax") as f:  # flax: bf16 files load too (numpy has no bfloat16)
+        sd = {k: np.asarray(f.get_tensor(k).astype(jnp.float32)) for k in f.keys()}
+    params = vae_state_dict_to_params(sd, cfg_vae)
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: FluxVAE(cfg_vae, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    return nnx.merge(graphdef, state)
 
 
 # ---- model config, mesh ----------------------------------------------------------------------------
 
 
 def _default_config() -> ml_collections.ConfigDict:
-    from sgt_jax.configs_util import load_config
-
-    return load_config("configs/bagel_sgt.py:7b")
+    return load_config("bagel_sgt.py:7b")
 
 
 def _mesh_and_rules(config):
-    from sgt_jax.parallel.mesh import logical_rules, make_mesh
-
     return make_mesh(config.mesh), logical_rules(config)
-
-
-def abstract_params(cfg_model, mesh, rules) -> dict:
-    """Nested dict of ShapeDtypeStructs (with shardings) of the whole Bagel, VAE included; allocates nothing."""
-    from flax import nnx
-
-    from sgt_jax.models.bagel import Bagel
-    from sgt_jax.parallel.sharding import abstract_state_with_shardings
-
-    _, state, _ = abstract_state_with_shardings(lambda: Bagel(cfg_model, rngs=nnx.Rngs(0)), mesh, rules, nnx.Param)
-    return state.to_pure_dict()
 
 
 def _jsonable(x):
@@ -133,9 +132,14 @@ def _jsonable(x):
 
 
 def model_config_from_meta(meta: Mapping) -> ml_collections.ConfigDict:
-    """The model config recorded in params_meta.json (tuples restored where the config has them)."""
+    """The model config recorded in params_meta.json (tuples restored where the config has them). Top-level
+    fields added to the config after that import (e.g. ``pos_table_dtype``) take the current defaults."""
     m = ml_collections.ConfigDict(meta["model"])
     m.vae.ch_mult = tuple(m.vae.ch_mult)
+    defaults = _default_config().model
+    for key in defaults.keys():
+        if key not in m:
+            m[key] = defaults[key]
     return m
 
 
@@ -146,8 +150,6 @@ def check_folder(fold: folder_lib.BagelFolder, cfg_model) -> None:
     """Every header key and shape against the model (before any tensor is read); raises ``FolderError``."""
     ema = {k: v.shape for k, v in fold.ema_header.items()}
     problems = check_keys(expected_ema_shapes(cfg_model), ema, folder_lib.EMA_FILE)
-    from sgt_jax.checkpoint import vision_tables
-
     try:  # FLUX or diffusers naming; lists every VAE problem in one message
         vision_tables.check_vae_torch_shapes({k: v.shape for k, v in fold.ae_header.items()}, cfg_model.vae)
     except ValueError as err:
@@ -176,7 +178,7 @@ def import_folder(source: str, config: ml_collections.ConfigDict | None = None, 
     check_folder(fold, cfg_model)  # every name/shape problem, before any tensor is read
 
     mesh, rules = _mesh_and_rules(config)
-    abstract = abstract_params(cfg_model, mesh, rules)
+    abstract = abstract_params(cfg_model, mesh=mesh, rules=rules)
     table = bagel_table(cfg_model)
     check_tree(table, {k: v for k, v in abstract.items() if k != "vae"}, "the model's parameter tree")
 
@@ -201,7 +203,7 @@ def import_folder(source: str, config: ml_collections.ConfigDict | None = None, 
     meta = {
         "format": META_FORMAT,
         "model": _jsonable(cfg_model),
-        "layout": {"scan_axis": 0, "scan_layers": bool(cfg_model.get("scan_layers", True)), "stacked": sorted("/".join(e.path) for e in table if e.layers is not None),
+        "layout": {"scan_axis": 0, "scan_layers": bool(cfg_model.scan_layers), "stacked": sorted("/".join(e.path) for e in table if e.layers is not None),
                    "param_dtype": str(cfg_model.param_dtype)},
         "source": {
             "path": os.path.abspath(source), "kind": "bagel_folder", "vae_naming": fold.vae_naming,
@@ -245,10 +247,12 @@ def copy_tokenizer_files(source: str, workdir: str) -> list[str]:
 
 def run_import(config, args) -> int:
     """``--mode import``: BAGEL folder (``--source``) -> ``<workdir>/params`` + params_meta.json."""
-    from sgt_jax.checkpoint import store
-
     if not args.source:
-        raise ValueError("--mode import needs --source <BAGEL folder>")
+        raise ValueError("--mode import needs --source <BAGEL or OmniGen2 folder>")
+    from sgt_jax.checkpoint import omnigen2_folder
+
+    if omnigen2_folder.is_omnigen2_folder(args.source):  # the family is recognised from the layout
+        return run_import_omnigen2(config, args)
     params, cfg_model, meta = import_folder(args.source, config)
     os.makedirs(args.workdir, exist_ok=True)
     t0 = time.time()
@@ -260,6 +264,18 @@ def run_import(config, args) -> int:
     log.info("imported %s -> %s (read %.1f s, save %.1f s)", args.source, path, meta["import"]["seconds"],
              time.time() - t0)
     print(f"imported {args.source} -> {path}")
+    return 0
+
+
+def run_import_omnigen2(config, args) -> int:
+    """``--mode import`` of an OmniGen2 folder: transformer/ and vae/ -> ``<workdir>/params``
+    (``{"transformer", "vae"}``) + params_meta.json (sgt_jax/checkpoint/omnigen2_folder.py)."""
+    from sgt_jax.checkpoint import omnigen2_folder, store
+
+    params, _, _, meta = omnigen2_folder.import_folder(args.source, config)
+    os.makedirs(args.workdir, exist_ok=True)
+    path = store.save_params(args.workdir, params, meta)
+    print(f"imported {args.source} (transformer/, vae/; mllm/ not yet: see docs/omnigen2.md) -> {path}")
     return 0
 
 
@@ -339,8 +355,6 @@ def _copy_extra_files(source: Mapping, dest: str) -> None:
 
 
 def _training_steps(workdir: str) -> list[int]:
-    from sgt_jax.checkpoint import store
-
     d = store.checkpoint_dir(workdir)
     if not os.path.isdir(d):
         return []
@@ -350,8 +364,6 @@ def _training_steps(workdir: str) -> list[int]:
 def load_workdir_params(config, args):
     """(params, cfg_model, meta) of a workdir: its latest (or ``args.step``) training checkpoint when it has
     any (``args.weights`` ema|raw), else its imported ``params/``."""
-    from sgt_jax.checkpoint import store
-
     base = config if config is not None else _default_config()
     mesh, rules = _mesh_and_rules(base)
     steps = _training_steps(args.workdir)
@@ -365,14 +377,14 @@ def load_workdir_params(config, args):
                 "--mode import); export and the inference modes take either")
         meta = store.read_params_meta(args.workdir)
         cfg_model = model_config_from_meta(meta)
-        return store.load_params(args.workdir, abstract_params(cfg_model, mesh, rules)), cfg_model, meta
+        return store.load_params(args.workdir, abstract_params(cfg_model, mesh=mesh, rules=rules)), cfg_model, meta
 
     step = steps[-1] if args.step is None else int(args.step)
     if step not in steps:
         raise FileNotFoundError(f"--step {step}: {args.workdir} has training checkpoints {steps}")
     run_config = store.read_json_item(args.workdir, step, "config")
     cfg_model = model_config_from_meta({"model": run_config["model"]})
-    target = abstract_params(cfg_model, mesh, rules)
+    target = abstract_params(cfg_model, mesh=mesh, rules=rules)
     init_from = str(run_config.get("checkpoint", {}).get("init_from", "") or "")
     with_vae = store.read_json_item(args.workdir, step, "layout").get("with_vae", True)
     params = store.load_for_inference(args.workdir, step=step, weights=args.weights,
@@ -396,8 +408,6 @@ def _vae_folders(init_from: str) -> tuple[list[str], bool]:
     """Where a run started from ``init_from`` can take its frozen VAE: candidate BAGEL folders (the
     folder itself, or an imported workdir's recorded source) and whether ``init_from`` is an imported
     workdir (whose params hold the VAE)."""
-    from sgt_jax.checkpoint import store
-
     folders = [init_from]
     imported = bool(init_from) and os.path.exists(os.path.join(init_from, store.PARAMS_META))
     if imported:
@@ -414,8 +424,6 @@ def vae_available(init_from: str) -> bool:
 def _vae_from(init_from: str, cfg_model, target: Mapping, workdir: str):
     """The frozen VAE for a checkpoint that does not store it: from the BAGEL folder the run started from
     (directly, or through the imported workdir's recorded source), else from the imported params."""
-    from sgt_jax.checkpoint import store
-
     folders, imported = _vae_folders(init_from)
     for f in folders:
         ae_path = os.path.join(f, folder_lib.AE_FILE)
@@ -436,7 +444,29 @@ def run_export(config, args) -> int:
     """``--mode export``: ``<workdir>/params`` (or a training checkpoint) -> BAGEL folder ``--dest``."""
     if not args.dest:
         raise ValueError("--mode export needs --dest <folder to write>")
+    if not _training_steps(args.workdir) and os.path.isfile(os.path.join(args.workdir, "params_meta.json")):
+        from sgt_jax.checkpoint import store
+
+        if store.read_params_meta(args.workdir).get("family") == "omnigen2":
+            return run_export_omnigen2(config, args)
     params, cfg_model, meta = load_workdir_params(config, args)
     export_folder(params, cfg_model, args.dest, meta)
+    print(f"exported {args.workdir} -> {args.dest}")
+    return 0
+
+
+def run_export_omnigen2(config, args) -> int:
+    """``--mode export`` of imported OmniGen2 params -> an OmniGen2 folder at ``--dest``."""
+    from sgt_jax.checkpoint import omnigen2_folder, store
+
+    meta = store.read_params_meta(args.workdir)
+    cfg_dit = ml_collections.ConfigDict(meta["model"]["dit"])
+    cfg_vae = ml_collections.ConfigDict(meta["model"]["vae"])
+    for c, keys in ((cfg_dit, ("axes_dim_rope", "axes_lens")), (cfg_vae, ("ch_mult",))):
+        for k in keys:
+            c[k] = tuple(c[k])
+    mesh, rules = _mesh_and_rules(config if config is not None and "mesh" in config else _default_config())
+    params = store.load_params(args.workdir, omnigen2_folder.abstract_params(cfg_dit, cfg_vae, mesh, rules))
+    omnigen2_folder.export_folder(params, cfg_dit, cfg_vae, args.dest, meta)
     print(f"exported {args.workdir} -> {args.dest}")
     return 0

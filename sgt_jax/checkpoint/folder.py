@@ -1,6 +1,6 @@
 """A BAGEL PyTorch checkpoint folder: open it, infer the architecture, refuse inconsistent folders.
 
-Folder layout (specs/bagel.md §4.1): ``llm_config.json`` (Qwen2Config), ``vit_config.json`` (SigLIP vision
+Folder layout (the `ByteDance-Seed/BAGEL-7B-MoT` folder): ``llm_config.json`` (Qwen2Config), ``vit_config.json`` (SigLIP vision
 config, listing one more layer than BAGEL builds), ``ema.safetensors`` (every Bagel weight, bf16) and
 ``ae.safetensors`` (the FLUX VAE, FLUX or diffusers ``AutoencoderKL`` naming). Tokenizer files are
 optional here.
@@ -41,7 +41,7 @@ VIT_CONFIG = "vit_config.json"
 EMA_FILE = "ema.safetensors"
 AE_FILE = "ae.safetensors"
 REQUIRED_FILES = (LLM_CONFIG, VIT_CONFIG, EMA_FILE, AE_FILE)
-# Tensors BAGEL stores but we recompute from the formula (specs/bagel.md §1.8).
+# Tensors BAGEL stores but we recompute from the formula (ByteDance-Seed/Bagel `modeling/bagel/modeling_utils.py` `PositionEmbedding`).
 SINCOS_KEYS = ("vit_pos_embed.pos_embed", "latent_pos_embed.pos_embed")
 
 
@@ -173,7 +173,7 @@ def infer_model_config(folder: BagelFolder, base_model: ml_collections.ConfigDic
     if base_model is None:
         from sgt_jax.configs_util import load_config
 
-        base_model = load_config("configs/bagel_sgt.py:7b").model
+        base_model = load_config("bagel_sgt.py:7b").model
     m = copy.deepcopy(base_model)
     problems: list[str] = []
     ema, lc, vc = folder.ema_header, folder.llm_config, folder.vit_config

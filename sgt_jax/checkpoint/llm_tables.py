@@ -6,7 +6,7 @@ Our side (sgt_jax/models): ``Bagel.llm`` (Qwen2MoT: ``embed_tokens.embedding``, 
 ``(in, out)`` with head axes kept explicit: q/k/v kernels ``(embed, heads, head_dim)``, biases
 ``(heads, head_dim)``, o_proj kernel ``(heads, head_dim, embed)``.
 
-PyTorch side (specs/bagel.md §4.2): Linear weights ``(out, in)`` with the head-major out dim
+PyTorch side (the `ema.safetensors` of `ByteDance-Seed/BAGEL-7B-MoT`): Linear weights ``(out, in)`` with the head-major out dim
 (heads × head_dim). The gen expert's suffix ``_moe_gen`` sits on the *projection* for attention
 (``self_attn.q_proj_moe_gen.weight``, ``self_attn.q_norm_moe_gen.weight``), on the *module* for the MLP
 (``mlp_moe_gen.gate_proj.weight``) and on the norm name for the layer norms
@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from sgt_jax.checkpoint.table import Entry
+from sgt_jax.models.posemb import sincos_2d_table_np
 
 LLM = "language_model."
 EXPERTS = (("und", ""), ("gen", "_moe_gen"))  # (our submodule, BAGEL suffix)
@@ -97,6 +98,4 @@ def sincos_tables(m) -> dict[str, tuple[int, int]]:
 
 def sincos_value(grid: int, dim: int) -> np.ndarray:
     """The table from the float64 formula (sgt_jax/models/posemb.py), as float64."""
-    from sgt_jax.models.posemb import sincos_2d_table_np
-
     return sincos_2d_table_np(grid, dim)

@@ -154,6 +154,52 @@ class SliceReader:
         self.close()
 
 
+class MultiFileReader:
+    """``SliceReader``'s interface over a tensor set sharded into several safetensors files (diffusers'
+    ``diffusion_pytorch_model-0000i-of-0000n.safetensors``, transformers' ``model-*.safetensors``):
+    every key is read from the file that holds it. A key present in two files is an error."""
+
+    def __init__(self, paths: Iterable[str]):
+        self.paths = list(paths)
+        self._readers = [SliceReader(p) for p in self.paths]
+        self._owner: dict[str, SliceReader] = {}
+        for r in self._readers:
+            for k in r.keys():
+                if k in self._owner:
+                    self.close()
+                    raise ValueError(f"tensor {k!r} is in both {self._owner[k].path} and {r.path}")
+                self._owner[k] = r
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(r.bytes_read for r in self._readers)
+
+    def keys(self) -> set[str]:
+        return set(self._owner)
+
+    def file_of(self, name: str) -> str:
+        return self._owner[name].path
+
+    def read(self, name: str, index: tuple[slice, ...] | None = None) -> np.ndarray:
+        if name not in self._owner:
+            raise KeyError(f"no tensor named {name!r} in {self.paths}")
+        return self._owner[name].read(name, index)
+
+    def release(self):
+        for r in self._readers:
+            r.release()
+
+    def close(self):
+        for r in self._readers:
+            r.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 class StreamingWriter:
     """Writes a safetensors file tensor by tensor, in any order, holding one tensor at a time.
 

@@ -9,9 +9,8 @@ Two kinds of checkpoint live in a workdir (docs/interfaces.md §4):
       config   the resolved config (JSON)               layout  layout metadata (scan axis, dtypes, mesh)
 
 Every tree goes to disk as a plain nested dict of arrays keyed by path names (``to_nested``), so the
-on-disk schema does not depend on Flax/optax classes (specs/jax_practice.md §3.1 "decide the on-disk
-tree once"). Restores always take an abstract target (ShapeDtypeStructs carrying the *current*
-shardings), so a checkpoint written on one mesh restores onto any other, and no process materialises
+on-disk schema does not depend on Flax/optax classes. Restores always take an abstract target
+(ShapeDtypeStructs carrying the *current* shardings), so a checkpoint written on one mesh restores onto any other, and no process materialises
 the full model. A step directory that fails to restore (partial write, corrupted file) is reported
 with a warning and the previous step is tried (``restore_latest_valid``); once one restores, the broken
 newer steps are moved into ``<workdir>/checkpoints_broken/`` so that the run can save them again.
@@ -29,6 +28,9 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
+
+from sgt_jax.models.groups import group_of
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +93,6 @@ def _key_name(k) -> str:
 
 def _strip_variables(tree: Any) -> Any:
     """Replace Flax Variables by their values (so paths do not carry Variable internals)."""
-    try:
-        from flax import nnx
-    except ImportError:  # pragma: no cover
-        return tree
     return jax.tree.map(lambda v: v.get_value() if isinstance(v, nnx.Variable) else v, tree,
                         is_leaf=lambda v: isinstance(v, nnx.Variable))
 
@@ -143,10 +141,6 @@ def from_nested(nested: dict, like: Any) -> Any:
 
 
 def _is_variable(x) -> bool:
-    try:
-        from flax import nnx
-    except ImportError:  # pragma: no cover
-        return False
     return isinstance(x, nnx.Variable)
 
 
@@ -403,9 +397,7 @@ def _missing_groups(abstract_params: dict, layout: dict) -> list[str]:
 
 
 def split_pure(tree: dict, frozen: set[str], path=()) -> tuple[dict, dict]:
-    """Split a pure parameter dict into (trainable, frozen) by freeze group (sgt_jax/train/freeze.py)."""
-    from sgt_jax.train.freeze import group_of  # path -> freeze group (the split the checkpoint used)
-
+    """Split a pure parameter dict into (trainable, frozen) by parameter group (sgt_jax/models/groups.py)."""
     train, fro = {}, {}
     for k, v in tree.items():
         p = path + (str(k),)

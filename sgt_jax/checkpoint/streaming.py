@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from sgt_jax.checkpoint.safetensors_io import SliceReader, StreamingWriter, TensorInfo, numpy_dtype
 from sgt_jax.checkpoint.table import Entry, get_path
+from sgt_jax.checkpoint.table import set_path
 
 
 def _cached_reader(read: Callable[[str, tuple[slice, ...]], np.ndarray]):
@@ -129,8 +130,6 @@ def fill_from_table(table: list[Entry], reader: SliceReader, abstract: Mapping, 
                     progress: Callable[[int], None] | None = None) -> dict:
     """Fill every table row into ``out`` (nested dict) from the shardings in ``abstract`` (nested dict of
     ShapeDtypeStructs). ``progress(nbytes)`` is called after each parameter."""
-    from sgt_jax.checkpoint.table import set_path
-
     for e in table:
         arr = fill_entry(e, reader, get_path(abstract, e.path))
         set_path(out, e.path, arr)
@@ -166,19 +165,24 @@ def table_specs(table: list[Entry], dtype_code: str) -> dict[str, TensorInfo]:
     return {k: TensorInfo(dtype_code, e.torch_shape) for e in table for k in e.torch_keys()}
 
 
-def write_table(table: list[Entry], tree: Mapping, writer: StreamingWriter | None, dtype_code: str,
-                progress: Callable[[int], None] | None = None) -> None:
+def write_table(table: list[Entry], tree: Mapping, writer: StreamingWriter | None,
+                dtype_code: str | Callable[[str], str], progress: Callable[[int], None] | None = None,
+                only: set[str] | None = None) -> None:
     """Write every row of ``table`` from ``tree`` (jax or numpy leaves) through ``writer``.
 
-    ``writer`` is None on processes other than 0 (they only take part in the gathers)."""
-    out_dtype = numpy_dtype(dtype_code)
+    ``writer`` is None on processes other than 0 (they only take part in the gathers). ``dtype_code`` is
+    one safetensors code or a function of the key; ``only`` restricts the keys written (one shard file
+    of a sharded set: a stacked parameter's layers may lie in different files)."""
+    code_of = dtype_code if callable(dtype_code) else (lambda key: dtype_code)
     for e in table:
         leaf = get_path(tree, e.path)
         if tuple(np.shape(leaf)) != e.param_shape:
             raise ValueError(f"{'/'.join(e.path)}: shape {tuple(np.shape(leaf))} != table shape {e.param_shape}")
         layers = [None] if e.layers is None else list(range(e.layers))
         for i, key in zip(layers, e.torch_keys()):
-            t = e.to_torch(to_host(leaf, i)).astype(out_dtype)
+            if only is not None and key not in only:
+                continue
+            t = e.to_torch(to_host(leaf, i)).astype(numpy_dtype(code_of(key)))
             if writer is not None:
                 writer.write(key, t)
             if progress is not None:

@@ -1,24 +1,16 @@
-"""PyTorch <-> JAX name/shape tables for the vision parts: SigLIP NaViT ViT and FLUX VAE.
+"""PyTorch <-> JAX name/shape tables for the FLUX VAE (the ViT's table is sgt_jax/checkpoint/vit_table.py).
 
 Pure numpy (no torch, no jax needed): the import/export machinery and the parity tests call these.
 
-* ``vit_state_dict_to_params(sd, cfg_vit, prefix)`` / ``params_to_vit_state_dict(params, cfg_vit, prefix)``:
-  BAGEL's ``vit_model.vision_model.*`` keys (specs/bagel.md §4.2) <-> the pure-dict param tree of
-  ``sgt_jax.models.siglip_navit.SiglipNaViT`` (``nnx.state(vit, nnx.Param).to_pure_dict()``).
-  Linear ``W(out, in)`` -> kernel ``W.T`` reshaped to the head-split shape; per-layer tensors are stacked
-  on the leading ``layers`` axis. The patch embedding is accepted in BAGEL's Linear form ``(Hv, 3*ps*ps)``
-  and in SigLIP's Conv2d form ``(Hv, 3, ps, ps)`` (converted by ``(O,C,kh,kw) -> (O,kh,kw,C)``, flattened);
-  export always writes the Linear form, as BAGEL stores it.
 * ``vae_state_dict_to_params(sd, cfg_vae)`` / ``params_to_vae_state_dict(params, cfg_vae)``: ``ae.safetensors``
-  (FLUX naming, specs/bagel.md §4.4) <-> ``sgt_jax.models.flux_vae.FluxVAE``. Import also accepts diffusers
-  ``AutoencoderKL`` naming (``down_blocks.i.resnets.j``, ``mid_block.attentions.0.to_q`` as Linear, ...),
-  which is renamed to FLUX naming first. Conv ``OIHW`` <-> ``HWIO``. Export writes FLUX naming.
-* ``vit_torch_shapes`` / ``vae_torch_shapes``: the expected torch keys and shapes for a config, to check a
-  folder's safetensors headers before reading any tensor (``check_torch_shapes``).
+  (FLUX naming, as BAGEL ships it: ByteDance-Seed/Bagel ``modeling/autoencoder.py``) <->
+  ``sgt_jax.models.flux_vae.FluxVAE``. Import also accepts diffusers ``AutoencoderKL`` naming
+  (``down_blocks.i.resnets.j``, ``mid_block.attentions.0.to_q`` as Linear, ...), which is renamed to FLUX
+  naming first. Conv ``OIHW`` <-> ``HWIO``. Export writes FLUX naming.
+* ``vae_torch_shapes``: the expected torch keys and shapes for a config, to check a folder's safetensors
+  headers before reading any tensor (``check_vae_torch_shapes``).
 
-Only keys that start with ``prefix`` are considered for the ViT (so a full BAGEL ``ema.safetensors`` dict
-can be passed); every key is considered for the VAE. Any missing, unexpected or mis-shaped key is an error
-that lists all of them at once.
+Any missing, unexpected or mis-shaped key is an error that lists all of them at once.
 """
 
 from __future__ import annotations
@@ -28,9 +20,6 @@ from dataclasses import dataclass
 from typing import Callable, Mapping
 
 import numpy as np
-
-VIT_PREFIX = "vit_model.vision_model."
-
 
 @dataclass(frozen=True)
 class Rule:
@@ -43,19 +32,6 @@ class Rule:
     to_jax: Callable[[np.ndarray], np.ndarray]
     to_torch: Callable[[np.ndarray], np.ndarray]
     layer: int | None = None
-
-
-def _linear_rules(torch_name, path, out_shape, in_shape, layer=None):
-    """Linear ``weight (out, in)`` / ``bias (out,)`` <-> kernel ``in_shape + out_shape`` / bias ``out_shape``."""
-    n_out, n_in = int(np.prod(out_shape)), int(np.prod(in_shape))
-    kshape = tuple(in_shape) + tuple(out_shape)
-    return [
-        Rule(f"{torch_name}.weight", path + ("kernel",), (n_out, n_in), kshape,
-             lambda w, s=kshape: np.ascontiguousarray(w.T).reshape(s),
-             lambda k, a=n_in, b=n_out: np.ascontiguousarray(k.reshape(a, b).T), layer),
-        Rule(f"{torch_name}.bias", path + ("bias",), (n_out,), tuple(out_shape),
-             lambda b, s=tuple(out_shape): b.reshape(s), lambda b: b.reshape(-1), layer),
-    ]
 
 
 def _norm_rules(torch_name, path, c, layer=None):
@@ -74,58 +50,6 @@ def _conv_rules(torch_name, path, cin, cout, k):
              lambda w: np.ascontiguousarray(w.transpose(3, 2, 0, 1))),
         Rule(f"{torch_name}.bias", path + ("bias",), (cout,), (cout,), ident, ident),
     ]
-
-
-# ---------------------------------------------------------------------------------------------- ViT
-
-
-def vit_rules(cfg_vit, prefix: str = VIT_PREFIX) -> list[Rule]:
-    hv, inter, nh = int(cfg_vit.hidden_size), int(cfg_vit.intermediate_size), int(cfg_vit.num_heads)
-    ps, g, n = int(cfg_vit.patch_size), int(cfg_vit.max_patches_per_side), int(cfg_vit.num_layers)
-    if hv % nh:
-        raise ValueError(f"vit.hidden_size {hv} is not divisible by vit.num_heads {nh}")
-    hd = hv // nh
-    ident = lambda a: a  # noqa: E731
-    rules = _linear_rules(prefix + "embeddings.patch_embedding", ("patch_embedding",), (hv,), (3 * ps * ps,))
-    rules.append(Rule(prefix + "embeddings.position_embedding.weight", ("position_embedding", "embedding"),
-                      (g * g, hv), (g * g, hv), ident, ident))
-    for j in range(n):
-        t, p = f"{prefix}encoder.layers.{j}.", ("layers",)
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            rules += _linear_rules(t + f"self_attn.{proj}", p + ("self_attn", proj), (nh, hd), (hv,), j)
-        rules += _linear_rules(t + "self_attn.out_proj", p + ("self_attn", "out_proj"), (hv,), (nh, hd), j)
-        rules += _norm_rules(t + "layer_norm1", p + ("layer_norm1",), hv, j)
-        rules += _norm_rules(t + "layer_norm2", p + ("layer_norm2",), hv, j)
-        rules += _linear_rules(t + "mlp.fc1", p + ("mlp", "fc1"), (inter,), (hv,), j)
-        rules += _linear_rules(t + "mlp.fc2", p + ("mlp", "fc2"), (hv,), (inter,), j)
-    rules += _norm_rules(prefix + "post_layernorm", ("post_layernorm",), hv)
-    return rules
-
-
-def vit_torch_shapes(cfg_vit, prefix: str = VIT_PREFIX) -> dict[str, tuple]:
-    """Expected torch keys -> shapes (patch embedding in BAGEL's Linear form)."""
-    return {r.torch_key: r.torch_shape for r in vit_rules(cfg_vit, prefix)}
-
-
-def _vit_alternative_shapes(cfg_vit, prefix):
-    hv, ps = int(cfg_vit.hidden_size), int(cfg_vit.patch_size)
-    return {prefix + "embeddings.patch_embedding.weight": (hv, 3, ps, ps)}
-
-
-def vit_state_dict_to_params(sd: Mapping[str, np.ndarray], cfg_vit, prefix: str = VIT_PREFIX) -> dict:
-    """Torch ViT tensors (keys under ``prefix``) -> nested param dict of ``SiglipNaViT``."""
-    sd = {k: v for k, v in sd.items() if k.startswith(prefix)}
-    key = prefix + "embeddings.patch_embedding.weight"
-    alt = _vit_alternative_shapes(cfg_vit, prefix)
-    if key in sd and tuple(np.shape(sd[key])) == alt[key]:  # SigLIP Conv2d form (O,C,kh,kw) -> (O, kh*kw*C)
-        w = np.asarray(sd[key])
-        sd[key] = np.ascontiguousarray(w.transpose(0, 2, 3, 1)).reshape(w.shape[0], -1)
-    return _apply_rules(sd, vit_rules(cfg_vit, prefix), "ViT", int(cfg_vit.num_layers))
-
-
-def params_to_vit_state_dict(params: Mapping, cfg_vit, prefix: str = VIT_PREFIX) -> dict[str, np.ndarray]:
-    """Nested ``SiglipNaViT`` param dict -> torch tensors (BAGEL naming, Linear patch embedding)."""
-    return _invert_rules(params, vit_rules(cfg_vit, prefix), "ViT", int(cfg_vit.num_layers))
 
 
 # ---------------------------------------------------------------------------------------------- VAE
@@ -258,12 +182,6 @@ def check_torch_shapes(found: Mapping[str, tuple], expected: Mapping[str, tuple]
             if items:
                 parts.append(f"  {len(items)} {title}:\n    " + "\n    ".join(items))
         raise ValueError("\n".join(parts))
-
-
-def check_vit_torch_shapes(found: Mapping[str, tuple], cfg_vit, prefix: str = VIT_PREFIX) -> None:
-    """Validate header shapes of the ViT keys (only keys under ``prefix`` are considered)."""
-    found = {k: v for k, v in found.items() if k.startswith(prefix)}
-    check_torch_shapes(found, vit_torch_shapes(cfg_vit, prefix), "ViT", _vit_alternative_shapes(cfg_vit, prefix))
 
 
 def check_vae_torch_shapes(found: Mapping[str, tuple], cfg_vae) -> None:

@@ -14,7 +14,6 @@ import os
 import re
 
 import msgpack
-from array_record.python.array_record_module import ArrayRecordWriter
 
 from sgt_jax.data.records import BadSample
 
@@ -42,48 +41,6 @@ def unpack_record(data: bytes) -> dict:
 
 def shard_name(family: str, i: int, n: int) -> str:
     return f"{family}-{i:05d}-of-{n:05d}.array_record"
-
-
-class ShardedWriter:
-    """Writes records in order, ``records_per_shard`` per file. The total is unknown up front, so shards are
-    written as ``<family>-<i>.tmp`` and renamed to their ``-of-<n>`` names on ``close``."""
-
-    def __init__(self, out_dir: str, family: str, records_per_shard: int):
-        if records_per_shard < 1:
-            raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
-        os.makedirs(out_dir, exist_ok=True)
-        self.out_dir, self.family, self.per_shard = out_dir, family, records_per_shard
-        self._tmp: list[str] = []
-        self._writer = None
-        self._in_shard = 0
-        self.count = 0
-
-    def write(self, canonical: dict) -> None:
-        if self._writer is None or self._in_shard >= self.per_shard:
-            self._close_current()
-            path = os.path.join(self.out_dir, f"{self.family}-{len(self._tmp):05d}.tmp")
-            self._tmp.append(path)
-            self._writer = ArrayRecordWriter(path, WRITER_OPTIONS)
-            self._in_shard = 0
-        self._writer.write(pack_record(canonical))
-        self._in_shard += 1
-        self.count += 1
-
-    def _close_current(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
-    def close(self) -> list[str]:
-        """Finishes the shards and returns their final paths (none if nothing was written)."""
-        self._close_current()
-        n = len(self._tmp)
-        finals = []
-        for i, tmp in enumerate(self._tmp):
-            final = os.path.join(self.out_dir, shard_name(self.family, i, n))
-            os.replace(tmp, final)
-            finals.append(final)
-        return finals
 
 
 def find_shards(root: str, family: str) -> list[str]:

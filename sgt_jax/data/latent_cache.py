@@ -1,4 +1,4 @@
-"""Cached VAE latent statistics: the frozen FLUX VAE run once over the prepared targets (design.md decision).
+"""Cached VAE latent statistics: the frozen FLUX VAE run once over the prepared targets (the pod-scale default).
 
 At 1024 px the frozen VAE encoder costs more per step than it is worth re-running every epoch, so pod-scale
 configs (``config.data.latents = "cached"``) read each target's posterior ``mean``/``logvar`` from here; the
@@ -28,13 +28,19 @@ import os
 
 import msgpack
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
+from sgt_jax.data import prepare_shards
+from sgt_jax.data.arrayrecord_io import shard_name, unpack_record
+from sgt_jax.data.bad_data import SkipCounter
 from sgt_jax.data.plans import vae_target
 from sgt_jax.data.records import BadSample
+from sgt_jax.data.sources.common import decode_canonical
 from sgt_jax.data.transforms import Transforms, latent_grid, normalize
 
 log = logging.getLogger(__name__)
 INDEX_NAME = "latents_index.json"
+PART_STEM = "latents_index"
 FORMAT_VERSION = 1
 
 
@@ -43,7 +49,7 @@ def _fingerprint(config) -> dict:
     m = config.model
     return {"vae_transform": list(config.data.transforms.vae), "latent_patch_size": int(m.latent_patch_size),
             "z_channels": int(m.vae.z_channels), "ch_mult": list(m.vae.ch_mult),
-            "proxy_task": config.data.get("proxy_task", "segmentation")}
+            "proxy_task": config.data.proxy_task}
 
 
 class LatentCache:
@@ -73,8 +79,6 @@ class LatentCache:
         return d
 
     def _read(self, shard: int, row: int) -> dict:
-        from array_record.python.array_record_module import ArrayRecordReader
-
         if shard not in self._readers:
             self._readers[shard] = ArrayRecordReader(self.shards[shard], "readahead_buffer_size:0")
         return msgpack.unpackb(self._readers[shard].read([row])[0], raw=False)
@@ -104,128 +108,128 @@ class LatentCache:
         return plan
 
 
-def make_encoder(vae, latent_patch_size: int):
-    """jit-compiled ``images [B,H,W,3] in [-1,1] -> (mean, logvar)`` patchified to [B, h·w, p·p·zc]."""
-    import jax
-    from flax import nnx
+def _blocks(config, workdir: str, source, records_per_shard: int):
+    """``(n_blocks, read)``: ``read(k)`` yields the raw records of block ``k`` and ``decode`` their samples.
+    Without ``source``: block k = prepared seg shard k of ``workdir`` (so latents-k belongs to seg-k); else
+    records ``[k·R, (k+1)·R)`` of ``source``."""
+    if source is not None:
+        n = len(source)
 
-    from sgt_jax.models.flux_vae import patchify_latent
+        def read(k):
+            return (source[i] for i in range(k * records_per_shard, min(n, (k + 1) * records_per_shard)))
 
-    graphdef, state = nnx.split(vae)
+        return prepare_shards.num_blocks(n, records_per_shard), read, source.decode
+    names = sorted(os.path.basename(p) for p in glob.glob(os.path.join(workdir, "seg-*-of-*.array_record")))
+    totals = {int(name.split("-of-")[1].split(".")[0]) for name in names}
+    if len(totals) != 1:
+        raise FileNotFoundError(f"latent cache: no single set of prepared seg shards in {workdir!r}: {names[:5]}")
+    n_blocks = totals.pop()
+    proxy, seed = config.data.proxy_task, int(config.data.seed)
+    mismatch = str(config.data.mask_size_mismatch)  # the same samples as training reads
 
-    @jax.jit
-    def encode(st, x):
-        mean, logvar = nnx.merge(graphdef, st).encode_stats(x)
-        return patchify_latent(mean, latent_patch_size), patchify_latent(logvar, latent_patch_size)
+    def read(k):
+        path = os.path.join(workdir, shard_name("seg", k, n_blocks))
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"latent cache: {path!r} is missing (prepare this shard's seg blocks first)")
+        reader = ArrayRecordReader(path)
+        try:
+            for j in range(reader.num_records()):
+                yield reader.read([j])[0]
+        finally:
+            reader.close()
 
-    return lambda x: tuple(np.asarray(a) for a in encode(state, x))
-
-
-def load_vae(config):
-    """The frozen FLUX VAE with weights from ``config.checkpoint.init_from`` (a BAGEL folder: ae.safetensors).
-
-    Built abstractly (``nnx.eval_shape``) and filled from the file, so no random init runs."""
-    import jax.numpy as jnp
-    from flax import nnx
-    from safetensors import safe_open
-
-    from sgt_jax.checkpoint.convert import vae_state_dict_to_params
-    from sgt_jax.models.flux_vae import FluxVAE
-
-    folder = config.checkpoint.get("init_from", "")
-    path = os.path.join(folder, "ae.safetensors")
-    if not folder or not os.path.exists(path):
-        raise FileNotFoundError(f"caching latents needs the VAE weights: {path!r} not found (set "
-                                "config.checkpoint.init_from to a BAGEL checkpoint folder)")
-    with safe_open(path, framework="flax") as f:  # flax: bf16 files load too (numpy has no bfloat16)
-        sd = {k: np.asarray(f.get_tensor(k).astype(jnp.float32)) for k in f.keys()}
-    params = vae_state_dict_to_params(sd, config.model.vae)
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: FluxVAE(config.model.vae, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    nnx.replace_by_pure_dict(state, _tree_map(jnp.asarray, params))
-    return nnx.merge(graphdef, state)
+    return n_blocks, read, lambda raw: decode_canonical(unpack_record(raw), proxy, seed, mismatch)
 
 
-def _tree_map(fn, tree):
-    import jax
+def cache_latents(config, workdir: str, *, encode, source=None, out_dir: str | None = None,
+                  batch_size: int = 8, records_per_shard: int = 4096, shard: tuple[int, int] = (0, 1),
+                  merge: bool = True) -> dict:
+    """Encodes the segmentation-family targets of this shard's blocks (:func:`_blocks`; default: the prepared
+    seg shards in ``workdir``) into ``latents-<k>-of-<N>.array_record`` in ``out_dir`` (default ``workdir``),
+    leaving the per-block keys and skip counts in ``latents_index.part-<i>-of-<n>.json``. With ``merge`` (and
+    every part present) it then writes ``latents_index.json`` and returns the report; else it returns the part.
 
-    return jax.tree.map(fn, tree)
-
-
-def cache_latents(config, workdir: str, *, vae=None, source=None, out_dir: str | None = None,
-                  batch_size: int = 8, records_per_shard: int = 4096) -> dict:
-    """Encodes every segmentation-family target of ``source`` (default: the prepared seg shards in
-    ``workdir``) and writes the cache to ``out_dir`` (default ``workdir``). Returns a report dict.
-
-    Images of equal size are encoded together, ``batch_size`` at a time. Bad samples are skipped and counted.
-    Single process: run it on one host (it reads everything once).
+    ``encode``: ``images [B,H,W,3] in [-1,1] -> (mean, logvar)`` as numpy, patchified to [B, h·w, p·p·zc]
+    (``sgt_jax.models.flux_vae.make_stats_encoder``, data parallel over the local devices; the prepare mode
+    builds it, sgt_jax/train/prepare_latents.py). Images of equal size within a block are encoded together,
+    ``batch_size`` at a time. Batches never span blocks, so the statistics do not depend on how many
+    shards ran. Bad samples are skipped and counted.
     """
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    from sgt_jax.data.bad_data import SkipCounter
-
-    if source is None:
-        from sgt_jax.data.sources import PreparedSource
-
-        source = PreparedSource(workdir, "seg", proxy_task=config.data.get("proxy_task", "segmentation"),
-                                seed=int(config.data.seed),
-                                mask_size_mismatch=str(config.data.get("mask_size_mismatch", "skip")))
     out_dir = out_dir or workdir
     os.makedirs(out_dir, exist_ok=True)
-    for stale in glob.glob(os.path.join(out_dir, "latents-*.array_record")) + [os.path.join(out_dir, INDEX_NAME)]:
-        if os.path.exists(stale):
-            raise FileExistsError(f"latent cache {stale!r} exists; remove it or use another folder")
+    n_blocks, read, decode = _blocks(config, workdir, source, records_per_shard)
+    mine = prepare_shards.my_blocks(n_blocks, shard)
+    stale = [os.path.join(out_dir, INDEX_NAME)] + [os.path.join(out_dir, _shard_name(k, n_blocks)) for k in mine]
+    for path in stale:
+        if os.path.exists(path):
+            raise FileExistsError(f"latent cache {path!r} exists; remove it or use another folder")
     tfm = Transforms.from_config(config)
-    encode = make_encoder(vae if vae is not None else load_vae(config), int(config.model.latent_patch_size))
     latent_dim = int(config.model.latent_patch_size) ** 2 * int(config.model.vae.z_channels)
-    counter = SkipCounter()
-    keys, shards, pending = {}, [], []
-    state = {"writer": None, "rows": 0}
+    blocks = {}
+    for k in mine:
+        counter, keys, pending = SkipCounter(), {}, []
+        path = os.path.join(out_dir, _shard_name(k, n_blocks))
+        writer = ArrayRecordWriter(path + ".tmp", "group_size:1")
 
-    def write(key, mean, logvar, grid):
-        if state["writer"] is None or state["rows"] >= records_per_shard:
-            if state["writer"] is not None:
-                state["writer"].close()
-            shards.append(f"latents-{len(shards):05d}.tmp")
-            state["writer"] = ArrayRecordWriter(os.path.join(out_dir, shards[-1]), "group_size:1")
-            state["rows"] = 0
-        state["writer"].write(msgpack.packb({"key": key, "grid": list(grid), "mean": mean.tobytes(),
-                                             "logvar": logvar.tobytes()}, use_bin_type=True))
-        keys[key] = [len(shards) - 1, state["rows"]]
-        state["rows"] += 1
+        def flush():
+            if not pending:
+                return
+            means, logvars = encode(np.stack([normalize(img) for _, img in pending]))
+            for (key, img), m, lv in zip(pending, means, logvars):
+                grid = latent_grid(*img.shape[:2], tfm.latent_stride)
+                writer.write(msgpack.packb({"key": key, "grid": list(grid), "mean": m.astype(np.float32).tobytes(),
+                                            "logvar": lv.astype(np.float32).tobytes()}, use_bin_type=True))
+                keys[key] = len(keys)
+            pending.clear()
 
-    def flush():
-        if not pending:
-            return
-        x = np.stack([normalize(img) for _, img in pending])
-        means, logvars = encode(x)
-        for (key, img), m, lv in zip(pending, means, logvars):
-            write(key, m.astype(np.float32), lv.astype(np.float32), latent_grid(*img.shape[:2], tfm.latent_stride))
-        pending.clear()
+        for raw in read(k):
+            sample = counter.call(decode, raw)
+            if sample is None:
+                continue
+            if sample["key"] in keys or any(key == sample["key"] for key, _ in pending):
+                raise ValueError(f"duplicate sample key {sample['key']!r} in the seg source: keys must be unique")
+            img = vae_target(sample, tfm)
+            if pending and (pending[0][1].shape != img.shape or len(pending) >= batch_size):
+                flush()
+            pending.append((sample["key"], img))
+        flush()
+        writer.close()
+        os.replace(path + ".tmp", path)
+        blocks[str(k)] = {"keys": keys, "counts": counter.as_dict()}
+    part = {"n_blocks": n_blocks, "latent_dim": latent_dim, "fingerprint": _fingerprint(config), "blocks": blocks}
+    prepare_shards.write_json(os.path.join(out_dir, prepare_shards.part_name(shard, PART_STEM)), part, indent=None)
+    summary = {"blocks": len(blocks), "written": sum(len(b["keys"]) for b in blocks.values())}
+    if merge:
+        report = merge_latent_parts(out_dir)
+        if report is not None:
+            return report
+    return summary
 
-    for i in range(len(source)):
-        sample = counter.call(source.decode, source[i])
-        if sample is None:
-            continue
-        if sample["key"] in keys or any(k == sample["key"] for k, _ in pending):
-            raise ValueError(f"duplicate sample key {sample['key']!r} in the seg source: keys must be unique")
-        img = vae_target(sample, tfm)
-        if pending and (pending[0][1].shape != img.shape or len(pending) >= batch_size):
-            flush()
-        pending.append((sample["key"], img))
-    flush()
-    if state["writer"] is not None:
-        state["writer"].close()
-    finals = []
-    for j, tmp in enumerate(shards):
-        final = f"latents-{j:05d}-of-{len(shards):05d}.array_record"
-        os.replace(os.path.join(out_dir, tmp), os.path.join(out_dir, final))
-        finals.append(final)
-    index = {"format": FORMAT_VERSION, "latent_dim": latent_dim, "fingerprint": _fingerprint(config),
-             "shards": finals, "keys": keys}
-    with open(os.path.join(out_dir, INDEX_NAME), "w") as f:
-        json.dump(index, f)
-    report = {"written": len(keys), "shards": len(finals), "skipped": counter.as_dict()["skipped"]}
+
+def _shard_name(k: int, n: int) -> str:
+    return f"latents-{k:05d}-of-{n:05d}.array_record"
+
+
+def merge_latent_parts(out_dir: str) -> dict | None:
+    """Writes ``latents_index.json`` from the parts in ``out_dir`` (None while parts are missing); returns the
+    report ``{"written", "shards", "skipped"}``."""
+    parts = prepare_shards.read_parts(out_dir, PART_STEM)
+    if parts is None:
+        return None
+    blocks = prepare_shards.gather_blocks(parts, lambda p: p["blocks"])
+    n = parts[0]["n_blocks"]
+    if sorted(blocks) != list(range(n)):
+        raise ValueError(f"latent cache parts in {out_dir!r} cover blocks {sorted(blocks)[:10]}..., not 0..{n - 1}")
+    keys, counter = {}, SkipCounter(log_skips=False)
+    for k in range(n):
+        counter.merge(blocks[k]["counts"])
+        for key, row in blocks[k]["keys"].items():
+            if key in keys:
+                raise ValueError(f"duplicate sample key {key!r} in the seg source: keys must be unique")
+            keys[key] = [k, row]
+    index = {"format": FORMAT_VERSION, "latent_dim": parts[0]["latent_dim"], "fingerprint": parts[0]["fingerprint"],
+             "shards": [_shard_name(k, n) for k in range(n)], "keys": keys}
+    prepare_shards.write_json(os.path.join(out_dir, INDEX_NAME), index, indent=None)
+    report = {"written": len(keys), "shards": n, "skipped": counter.as_dict()["skipped"]}
     log.info("latent cache: %s", report)
     return report

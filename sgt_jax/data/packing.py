@@ -10,8 +10,9 @@ Padding: ``tokens 0, kind 0, doc -1, split -1, mode 0, rope 0, vit_row 0``; pad 
 values after all real tokens (so ``order`` is a permutation of ``[0, T)``). ViT pad rows: zeros, ``vit_image
 -1``. Latent pad rows: ``latent_image -1``, ``latent_target False``. CE pad: ``ce_valid False``.
 
-Which samples go into which pack is decided by the mixer (sgt_jax/data/mixing.py); this module only checks
-that they fit (:meth:`PackUsage.fits`) and writes arrays (:func:`assemble_batch`). The bookkeeping keys
+Which samples go into a batch is decided by the mixer (sgt_jax/data/mixing.py); this module checks that they
+fit (:meth:`PackUsage.fits`), chooses their packs (:func:`place`, :func:`pack_plans`) and writes arrays
+(:func:`assemble_batch`). The bookkeeping keys
 (never fed to jit) are ``n_seg, n_vqa, n_docs`` int32 [B] and ``useful_und, useful_gen, useful_vit,
 useful_ce, useful_vae`` int32 [B] (real entries per budget; ``useful/budget`` is the packing efficiency).
 """
@@ -80,12 +81,44 @@ class PackUsage:
         self.plans.append(plan)
 
 
-def first_fit(packs: list[PackUsage], plan: dict, budget: PackBudget) -> int:
-    """Index of the first pack ``plan`` fits into, or -1."""
-    for i, p in enumerate(packs):
+def place(packs: list[PackUsage], plan: dict, budget: PackBudget, reserve: float = 0.0, min_gen: int = 0) -> int:
+    """The pack ``plan`` goes to, or -1 if it fits none. A plan with latents (segmentation) avoids leaving
+    1..``min_gen``-1 free gen tokens (room no other latent block can use), and otherwise goes where the most gen
+    tokens stay free (worst fit: the latents spread, so every pack keeps und room for its share); any other
+    plan (VQA) goes where the fewest und tokens stay free (best fit). ``reserve`` > 0 admits a plan without
+    latents only where ``reserve`` und tokens per free gen token stay free (the und tokens that the latents
+    still to come bring along). Ties: the lower pack."""
+    best, best_key = -1, None
+    for j, p in enumerate(packs):
+        if reserve and not plan["n_gen"] and \
+                p.und + plan["n_und"] + reserve * (budget.gen_tokens - p.gen) > budget.und_tokens:
+            continue
         if p.fits(plan, budget):
-            return i
-    return -1
+            if plan["n_gen"]:
+                free = budget.gen_tokens - p.gen - plan["n_gen"]
+                key = (free if free < min_gen else 0, -free)
+            else:
+                key = (0, budget.und_tokens - p.und)
+            if best_key is None or key < best_key:
+                best, best_key = j, key
+    return best
+
+
+def pack_plans(plans: list[dict], n_packs: int, budget: PackBudget) -> list[int] | None:
+    """A pack index for each plan such that no pack exceeds ``budget``, or None if this packing finds none.
+
+    First-fit decreasing with :func:`place`: plans with latents first, largest ``n_gen`` first, then the others,
+    largest ``n_und`` first (ties: the earlier plan). Deterministic."""
+    order = sorted(range(len(plans)), key=lambda i: (plans[i]["n_gen"] == 0, -plans[i]["n_gen"], -plans[i]["n_und"], i))
+    packs = [PackUsage() for _ in range(n_packs)]
+    where = [0] * len(plans)
+    for i in order:
+        j = place(packs, plans[i], budget)
+        if j < 0:
+            return None
+        packs[j].add(plans[i])
+        where[i] = j
+    return where
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,7 @@
     state = it.get_state()    # JSON-serialisable; it.set_state(state) resumes exactly
     it.stats()                # skipped-by-reason counts, realised seg:VQA ratios, packing efficiency
 
-Per task group (``seg``, ``vqa``) one stream is built (jax_practice.md §4):
+Per task group (``seg``, ``vqa``) one stream is built (Grain's MapDataset -> IterDataset pattern):
 ``MapDataset.source(src).shuffle(seed).repeat()`` (a global shuffle that is redrawn every epoch: Grain's
 shuffle-then-repeat draws a new permutation per epoch), then this process's slice ``[process_index::
 process_count]`` of that infinite sequence (no two processes ever read the same position; within an epoch
@@ -35,6 +35,7 @@ from sgt_jax.data import plans, records, templates
 from sgt_jax.data.mixing import GROUPS, Mixer
 from sgt_jax.data.packing import BatchLayout, assemble_batch, efficiency
 from sgt_jax.data.bad_data import SkipCounter
+from sgt_jax.data.latent_cache import LatentCache
 from sgt_jax.data.records import BadSample
 from sgt_jax.data.tokenizer import get_tokenizer
 from sgt_jax.data.transforms import Transforms
@@ -53,6 +54,7 @@ class PlanFn:
         self.tok = tokenizer if tokenizer is not None else get_tokenizer(config)
         self.tfm = Transforms.from_config(config)
         self.layout = BatchLayout.from_config(config)
+        self.instructions = templates.instruction_lists(config)
         self.text_dropout = float(config.data.text_cond_dropout)
         if not 0.0 <= self.text_dropout <= 1.0:
             raise ValueError(f"config.data.text_cond_dropout must be in [0, 1], got {self.text_dropout}")
@@ -61,8 +63,6 @@ class PlanFn:
             if not config.data.latent_cache:
                 raise ValueError("config.data.latents='cached' needs config.data.latent_cache (the folder written "
                                  "by --mode prepare); use latents='online' to encode in the step instead")
-            from sgt_jax.data.latent_cache import LatentCache
-
             self.latents = LatentCache(config.data.latent_cache, config)  # checks the index now, reads lazily
 
     def __call__(self, position: int, raw) -> dict:
@@ -72,7 +72,7 @@ class PlanFn:
                 raise BadSample("bad_record", f"{sample['key']}: task {sample['task']!r} in the {self.group} stream")
             rng = np.random.default_rng([self.seed, _GROUP_SEED[self.group], position * self.n + self.p])
             if self.group == "seg":
-                options = templates.templates_for(sample["task"])
+                options = templates.templates_for(sample["task"], self.instructions)
                 instruction = options[int(rng.integers(len(options)))]
                 plan = plans.sgt_plan(sample, instruction, self.tok, self.tfm,
                                       drop_text=bool(rng.random() < self.text_dropout))
@@ -101,7 +101,7 @@ class Stream:
         if self._it is None and self.workers > 0:
             from absl import flags
 
-            if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags (env.md); outside absl.app
+            if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; outside absl.app
                 flags.FLAGS.mark_as_parsed()  # (tests, notebooks) use the flag defaults
             it_ds = self.ds[self.pos:].to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
             it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers,
@@ -180,7 +180,8 @@ class TrainIterator:
         for grp in GROUPS:
             if quota[grp] > 0 and grp not in srcs:
                 raise ValueError(f"config.data.quota.{grp}={quota[grp]} but no {grp} source")
-        self.mixer = Mixer(self.streams, quota, self.layout.budget, g // process_count)
+        self.mixer = Mixer(self.streams, quota, self.layout.budget, g // process_count,
+                           int(config.data.pack_buffer))
         self._eff_sum = {}
 
     def __iter__(self):

@@ -1,7 +1,7 @@
 """Sequence plans: one decoded sample -> its tokens, ViT patches, latent rows and CE labels, in ORIGINAL order.
 
 A plan is the sample's own document, exactly as BAGEL's ``pack_sequence`` would lay it out at the start of a
-pack (specs/bagel.md §2.1, §2.3); the packer (sgt_jax/data/packing.py) only offsets ids and moves tokens to
+pack (ByteDance-Seed/Bagel `data/dataset_base.py` `pack_sequence`); the packer (sgt_jax/data/packing.py) only offsets ids and moves tokens to
 their expert's half of the pack. Plans are plain dicts of numpy arrays (cheap to pickle across Grain
 workers). Keys:
 
@@ -18,13 +18,15 @@ workers). Keys:
 | ``group, task, key, source`` | str | ``group`` is "seg" (any segmentation-family task) or "vqa" |
 | ``n_und, n_gen, n_vit, n_ce, n_vae`` | int | what the sample needs of each pack budget |
 
-Two plans (sgt_recipe.md §1.2, §2.2):
+Plans (song2yu/SGT `BAGEL/data/sam_190k.py` for SGT, BAGEL's vlm and t2i datasets for the others):
 - SGT: [ViT view of the image (full, RoPE 0), instruction (causal, no CE; dropped with p=text_cond_dropout
   WITHOUT advancing RoPE), noisy VAE target (noise, MSE, RoPE not advanced)].
 - VQA: BAGEL's vlm_dataset: human turns split at ``<image>`` into text pieces (stripped, no loss) and ViT
   images (VLM transform, max_pixels shared by the sample's images); gpt turns are text with CE: inputs
   ``<|im_start|>`` + answer, labels answer + ``<|im_end|>`` (so the model learns to stop). Every text split
   ends with an ``<|im_end|>`` input token with no label. No roles, no system prompt.
+- T2I: [prompt (causal, no CE; dropped with p=text_cond_dropout WITHOUT advancing RoPE), noisy VAE image
+  (noise, MSE)]: the SGT plan without the ViT view (used to pre-train the base model of bench/toy_sgt.py).
 """
 
 from __future__ import annotations
@@ -147,10 +149,24 @@ def sgt_plan(sample: dict, instruction: str, tok, tfm: Transforms, *, drop_text:
     b = _PlanBuilder(tok, tfm)
     vw, vh = tfm.sgt_vit.output_size(w, h)
     b.vit(resize(image, vw, vh))
-    if not drop_text:  # a dropped text split is skipped without advancing RoPE (specs/bagel.md §2.3)
+    if not drop_text:  # a dropped text split is skipped without advancing RoPE (ByteDance-Seed/Bagel `data/dataset_base.py`)
         b.text(tok.encode(instruction, where=f"{key} instruction"), loss=False)
     b.vae(vae_target(sample, tfm), target=True)
     return b.finish(sample, "seg")
+
+
+def t2i_plan(prompt: str, image: np.ndarray, key: str, source: str, tok, tfm: Transforms, *,
+             drop_text: bool) -> dict:
+    """The text-to-image plan: ``prompt`` then the noisy VAE latents of ``image`` (uint8 [H, W, 3], resized
+    with the VAE transform); ``drop_text``: the CFG dropout draw. ``group`` is "seg" (the generation stream)
+    and ``task`` "t2i"."""
+    h, w = image.shape[:2]
+    gw, gh = tfm.vae.output_size(w, h)
+    b = _PlanBuilder(tok, tfm)
+    if not drop_text:
+        b.text(tok.encode(prompt, where=f"{key} prompt"), loss=False)
+    b.vae(resize(image, gw, gh), target=True)
+    return b.finish({"task": "t2i", "key": key, "source": source}, "seg")
 
 
 def vae_target(sample: dict, tfm: Transforms) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Proxy tasks (specs/sgt_recipe.md §1.5), selected by ``config.data.proxy_task``.
+"""Proxy tasks (song2yu/SGT `BAGEL/data/` (one dataset per proxy task)), selected by ``config.data.proxy_task``.
 
 Every proxy uses the same sample shape and sequence plan as segmentation: a ViT input ``image`` and a VAE
 ``target`` of the same size. Only what goes in and what comes out changes:

@@ -1,6 +1,6 @@
 """Target rendering: instance masks -> one full-frame RGB colour map (the SGT segmentation target).
 
-The released SGT data ships pre-rendered PNGs with no rule (specs/sgt_recipe.md §1.4, §6.1). Every target we
+The released SGT data ships pre-rendered PNGs with no rule (song2yu/SGT `BAGEL/data/sam_190k.py`: the released targets are pre-rendered PNGs). Every target we
 render ourselves (SA-1B RLEs, COCO panoptic segments, the synthetic shapes world) follows ONE rule:
 
 1. Instances are painted in **descending area** order (ties: original annotation order), so small instances

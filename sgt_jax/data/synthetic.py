@@ -7,10 +7,13 @@ Every sample is a pure function of ``(seed, index)`` and the world settings (``c
   the pixels of a shape are exactly its instance mask;
 * the instance masks, rendered into the SGT target with the shared palette rule (sgt_jax/data/render.py);
 * a caption listing the shapes from left to right;
-* VQA turns about count, colour, existence and relative position whose answers follow from the scene
-  description by construction (``answer_*`` functions below; tests re-derive them from the pixels).
+* VQA turns about count, colour, existence and relative position (and, with ``size_questions``, relative
+  size) whose answers follow from the scene description by construction (``answer_*`` functions below;
+  tests re-derive them from the pixels).
 
-Relative-position questions are asked only about shapes whose extents do not overlap along the asked axis,
+Relative-size questions compare the pixel areas of two uniquely described shapes and are asked only when
+the larger has at least 1.5x the area of the smaller. Relative-position questions are asked only about shapes
+whose extents do not overlap along the asked axis,
 and colour/position questions only name shapes that their description identifies uniquely, so every
 answer is unambiguous.
 """
@@ -76,6 +79,7 @@ class WorldConfig:
     min_shapes: int = 1
     max_shapes: int = 4
     qa_per_sample: int = 3
+    size_questions: bool = False  # also ask "Is the X bigger/smaller than the Y?" (off: the default world)
 
     def __post_init__(self):
         if not 1 <= self.min_shapes <= self.max_shapes:
@@ -94,7 +98,8 @@ class WorldConfig:
         return cls(seed=int(get("seed", 0)), num_samples=int(get("num_samples", 512)),
                    sizes=tuple((int(h), int(w)) for h, w in get("sizes", cls.sizes)),
                    min_shapes=int(get("min_shapes", 1)), max_shapes=int(get("max_shapes", 4)),
-                   qa_per_sample=int(get("qa_per_sample", 3)))
+                   qa_per_sample=int(get("qa_per_sample", 3)),
+                   size_questions=bool(get("size_questions", False)))
 
 
 def make_scene(world: WorldConfig, index: int) -> Scene:
@@ -197,11 +202,30 @@ def answer_relation(a: Shape, b: Shape, relation: str) -> bool | None:
     raise ValueError(f"unknown relation {relation!r}")
 
 
+SIZE_RATIO = 1.5  # relative-size questions need this area ratio between the two shapes
+
+
+def shape_area(s: Shape, height: int, width: int) -> int:
+    """Pixels of ``s`` as rendered (the instance mask's area)."""
+    return int(shape_mask(s, height, width).sum())
+
+
+def answer_size(scene: Scene, a: Shape, b: Shape, relation: str) -> bool | None:
+    """Whether ``a`` is ``relation`` ("bigger" | "smaller") than ``b`` by area; None if the areas are within
+    ``SIZE_RATIO`` of each other (ambiguous to the eye)."""
+    area_a, area_b = shape_area(a, scene.height, scene.width), shape_area(b, scene.height, scene.width)
+    if max(area_a, area_b) < SIZE_RATIO * min(area_a, area_b):
+        return None
+    if relation not in ("bigger", "smaller"):
+        raise ValueError(f"unknown size relation {relation!r}")
+    return (area_a > area_b) if relation == "bigger" else (area_a < area_b)
+
+
 def _yes(b: bool) -> str:
     return "Yes." if b else "No."
 
 
-def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, str]]:
+def questions(scene: Scene, rng: np.random.Generator, size_questions: bool = False) -> list[tuple[str, str, str]]:
     """All candidate (kind_of_question, question, answer) triples for a scene."""
     qs: list[tuple[str, str, str]] = []
     n = answer_count(scene)
@@ -230,6 +254,11 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, st
                     q = f"Is the {a.name} {rel} the {b.name}?" if rel in ("above", "below") else \
                         f"Is the {a.name} to the {rel} the {b.name}?"
                     qs.append(("position", q, _yes(ans)))
+            if size_questions:
+                for rel in ("bigger", "smaller"):
+                    ans = answer_size(scene, a, b, rel)
+                    if ans is not None:
+                        qs.append(("size", f"Is the {a.name} {rel} than the {b.name}?", _yes(ans)))
     qs.append(("caption", "Describe the image.", caption(scene)))
     return qs
 
@@ -237,8 +266,8 @@ def questions(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, st
 def conversation(scene: Scene, world: WorldConfig, index: int) -> list[dict]:
     """LLaVA-style turns: ``qa_per_sample`` distinct questions, the first human turn carries ``<image>``."""
     rng = np.random.default_rng([world.seed, int(index), 0xC0A])
-    cands = questions(scene, rng)
-    # Each question kind (count, colour, exists, position, caption) is equally likely, however many
+    cands = questions(scene, rng, world.size_questions)
+    # Each question kind (count, colour, exists, position, [size,] caption) is equally likely, however many
     # candidates it has (there are many more position questions than the others).
     per_kind = {}
     for c in cands:
@@ -274,5 +303,5 @@ def vocabulary(world: WorldConfig | None = None) -> list[str]:
     for name in list(COLOURS) + list(BACKGROUNDS):
         words.update(name.split())
     words.update("how many shapes are in the image there what colour is it a an on background and yes no "
-                 "left right of to above below describe".split())
+                 "left right of to above below describe bigger smaller than".split())
     return sorted(words)

@@ -2,10 +2,17 @@
 
 One template is drawn per sample (``pick``), seeded by the sample key, so an epoch's instructions are
 reproducible. The segmentation templates all ask for *instance-level colour coding* (every instance its own
-colour), which is what the target shows (sgt_recipe.md §1.2); none says "semantic" or "class".
+colour), which is what the target shows; none says "semantic" or "class".
+
+``config.data.seg_instructions`` may name a file that replaces the segmentation list, for training and
+inference alike (``instruction_lists``): e.g. the 279 templates the released SGT checkpoint was trained on
+(US spelling; song2yu/SGT ``BAGEL/data/consts.py`` ``get_segment_prompt_list``), written out one per line.
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import numpy as np
 
@@ -246,10 +253,42 @@ INPAINTING = (
 TEMPLATES = {"seg": SEGMENTATION, "recon": RECONSTRUCTION, "edge": EDGE, "inpaint": INPAINTING}
 
 
-def templates_for(task: str) -> tuple[str, ...]:
-    if task not in TEMPLATES:
-        raise ValueError(f"no instruction templates for task {task!r}; have {tuple(TEMPLATES)}")
-    return TEMPLATES[task]
+def templates_for(task: str, lists: dict[str, tuple[str, ...]] = TEMPLATES) -> tuple[str, ...]:
+    """The instructions of ``task`` in ``lists`` (default: the built-in templates; a run's: ``instruction_lists``)."""
+    if task not in lists:
+        raise ValueError(f"no instruction templates for task {task!r}; have {tuple(lists)}")
+    return lists[task]
+
+
+def load_instructions(path: str) -> tuple[str, ...]:
+    """An instruction list file: a JSON array of strings, or text with one instruction per line (blank lines
+    skipped). Errors name the file and what is wrong."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config.data.seg_instructions: {path!r} is not a file")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith(".json"):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
+            raise ValueError(f"{path}: must hold a JSON array of strings")
+    else:
+        items = text.splitlines()
+    items = tuple(t.strip() for t in items if t.strip())
+    if not items:
+        raise ValueError(f"{path}: holds no instruction")
+    return items
+
+
+def instruction_lists(config) -> dict[str, tuple[str, ...]]:
+    """The instruction list of every task for this run: the built-in templates, with the segmentation list
+    replaced by the file ``config.data.seg_instructions`` names (if any)."""
+    lists = dict(TEMPLATES)
+    if config.data.seg_instructions:
+        lists["seg"] = load_instructions(config.data.seg_instructions)
+    return lists
 
 
 def pick(task: str, key: str, seed: int = 0, epoch: int = 0) -> str:

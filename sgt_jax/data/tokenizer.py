@@ -4,7 +4,7 @@ Both are ``tokenizers.Tokenizer`` objects behind the same small wrapper (:class:
 builder never knows which one it has. The tiny tokenizer is *built locally* from the synthetic world's words
 (no download) and serialised to the same ``tokenizer.json`` format the Qwen2 checkpoint ships.
 
-Rules (specs/bagel.md §1.11, §7 item 13):
+Rules (ByteDance-Seed/Bagel `data/data_utils.py` `add_special_tokens`):
 - ``encode`` adds no BOS/EOS; the plan builder adds ``<|im_start|>``/``<|im_end|>`` and the vision markers.
 - The four special ids are looked up BY NAME in the tokenizer and must equal ``config.model.tokens``
   (a mismatch means the config and the checkpoint disagree: a clear error, never a silent remap).
@@ -19,6 +19,7 @@ import os
 import re
 from typing import Iterable
 
+from sgt_jax.data import synthetic, templates
 from sgt_jax.data.records import BadSample
 
 # role in config.model.tokens -> token string (Bagel: data/data_utils.py add_special_tokens)
@@ -178,8 +179,6 @@ def build_tiny_tokenizer(corpus: Iterable[str], *, vocab_size: int = 512, save_t
 
 def synthetic_corpus() -> list[str]:
     """Every text the synthetic world and the instruction templates can produce (the tiny vocabulary)."""
-    from sgt_jax.data import synthetic, templates
-
     return [t for ts in templates.TEMPLATES.values() for t in ts] + list(synthetic.vocabulary())
 
 
@@ -197,7 +196,7 @@ def get_tokenizer(config) -> TextTokenizer:
     if spec == "synthetic":
         raw = build_tiny_tokenizer(synthetic_corpus(), vocab_size=config.model.llm.vocab_size)
         return TextTokenizer(Tokenizer.from_str(raw.to_str()), expected_ids=expected, source="synthetic")
-    path = spec or config.checkpoint.get("init_from", "")
+    path = spec or config.checkpoint.init_from
     if not path:
         raise ValueError("config.data.tokenizer is empty and config.checkpoint.init_from names no folder: set "
                          "config.data.tokenizer to a folder with tokenizer.json (or vocab.json + merges.txt)")

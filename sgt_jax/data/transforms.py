@@ -1,4 +1,4 @@
-"""Image sizing, resizing, normalisation and ViT patchify (specs/bagel.md §2.10, sgt_recipe.md §1.2, §6.1).
+"""Image sizing, resizing, normalisation and ViT patchify (ByteDance-Seed/Bagel `data/transforms.py`, song2yu/SGT `BAGEL/data/sam_190k.py`).
 
 ``ImageTransform(max_size, min_size, stride, max_pixels)`` is BAGEL's rule with SGT's corrected max-pixels
 step:
@@ -6,7 +6,7 @@ step:
    ``stride`` (at least ``stride``);
 2. if w·h > max_pixels / img_num: rescale the ORIGINAL size by the area factor sqrt((max_pixels/img_num)/(W·H))
    (the official code applies the area ratio as a linear factor to the already-resized size, which
-   over-shrinks; SGT fixed it, specs/bagel.md §6). Rounding to the stride may leave the result a few percent
+   over-shrinks; SGT fixed it, song2yu/SGT `BAGEL/data/transforms.py`). Rounding to the stride may leave the result a few percent
    above the pixel budget; the packer's budgets, not this rule, are what must hold;
 3. if the long side is still > max, rescale the current size to max.
 

@@ -1,4 +1,4 @@
-"""Attention allocation from the model's REAL attention probabilities (specs/sgt_recipe.md §5.2–5.3, §6.4).
+"""Attention allocation from the model's REAL attention probabilities (the paper, Fig. 8; song2yu/SGT `BAGEL/modeling/bagel/bagel.py`).
 
 The released analysis recomputes attention by hand from layer outputs without norms, RoPE or masks. Here
 the probabilities come from the dense attention itself (``return_probs``: after the q/k RMSNorms and RoPE,
@@ -29,6 +29,7 @@ import numpy as np
 
 from sgt_jax.data.transforms import ImageTransform
 from sgt_jax.eval.lexicon import CATEGORIES, Lexicon
+from sgt_jax.extras import require
 from sgt_jax.sampling import blocks, flow
 from sgt_jax.sampling.engine import empty_context, round_up
 
@@ -91,7 +92,7 @@ def word_attention(inf, prompt: str, lexicon: Lexicon, *, height: int, width: in
 
 
 def _plot(path, xs, ys, xlabel, ylabel, title, kind="line", labels=None):
-    import matplotlib
+    matplotlib = require("matplotlib", "eval")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -23,8 +23,17 @@ import os
 import time
 
 import numpy as np
+from PIL import Image
 
-from sgt_jax.eval import seg_metric
+from sgt_jax.data import synthetic, templates
+from sgt_jax.data.records import BadSample
+from sgt_jax.data.sources import build_seg_source
+from sgt_jax.data.transforms import resize
+from sgt_jax.eval import geneval, mcq, presets, seg_metric
+from sgt_jax.eval.attention_analysis import attention_report
+from sgt_jax.eval.features import FeatureExtractor
+from sgt_jax.eval.lexicon import load_lexicon
+from sgt_jax.eval.probe import probe_report
 from sgt_jax.sampling.cli import generate_one, load_image, make_inferencer, save_png
 
 EVAL_KINDS = ("mcq", "geneval", "probe", "attention")
@@ -49,8 +58,6 @@ def _segment_items(config, args):
         raise ValueError(f"config.segment.source must be one of {SEG_SOURCES}, got {s.source!r}")
     n = int(s.num_images)
     if s.source == "synthetic":
-        from sgt_jax.data import synthetic
-
         world = synthetic.WorldConfig.from_config(config.data.sources.synthetic)
         out = []
         for i in range(int(s.start_index), int(s.start_index) + n):
@@ -58,8 +65,6 @@ def _segment_items(config, args):
             image, target, _ = synthetic.render_scene(scene)
             out.append((scene.key, image, colour_map_labels(target)))
         return out
-    from sgt_jax.data.records import BadSample
-    from sgt_jax.data.sources import build_seg_source
 
     src = build_seg_source(config, root_override=args.input)
     out, skipped = [], 0
@@ -81,14 +86,13 @@ def segment_mode(config, args) -> dict:
     """--mode segment; returns the summary."""
     from tqdm import tqdm
 
-    from sgt_jax.data.transforms import resize
 
     s = config.segment
     params = seg_metric.ClusterParams(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
                                          for k, v in s.cluster.items()}).validate()
     items = _segment_items(config, args)
     inf = make_inferencer(config, args)
-    instruction = args.prompt or s.instruction
+    instruction = args.prompt or s.instruction or templates.instruction_lists(config)["seg"][0]
     out_dir = os.path.join(args.workdir, "segment")
     os.makedirs(out_dir, exist_ok=True)
     rows = []
@@ -131,8 +135,6 @@ def segment_mode(config, args) -> dict:
 
 
 def _resize_labels(labels: np.ndarray, w: int, h: int) -> np.ndarray:
-    from PIL import Image
-
     return np.asarray(Image.fromarray(labels.astype(np.int32)).resize((w, h), Image.Resampling.NEAREST))
 
 
@@ -158,7 +160,6 @@ def _probe_set(config, args):
                     images.append(load_image(p))
                     labels.append(str(r["label"]))
         return images, np.asarray(labels)
-    from sgt_jax.data import synthetic
 
     # Two balanced classes, like the paper's grand vs upright piano: scenes whose largest shape is a
     # circle vs a square (held-out scene indices from 200000).
@@ -191,7 +192,6 @@ def _attention_set(config, args):
                 if r.get("prompt"):
                     prompts.append(r["prompt"])
         return vision[:n], prompts[:n]
-    from sgt_jax.data import synthetic
 
     world = synthetic.WorldConfig.from_config(config.data.sources.synthetic)
     rng = np.random.default_rng(0)
@@ -206,6 +206,8 @@ def _attention_set(config, args):
 def evaluate_mode(config, args) -> dict:
     """--mode evaluate; returns the result of the chosen kind."""
     e = config.evaluate
+    if e.preset:  # before anything reads the fields it sets (the model too: model.pos_table_dtype)
+        print("\n".join(presets.apply_preset(config, str(e.preset), args.weights, args.input)))
     if e.kind not in EVAL_KINDS:
         raise ValueError(f"config.evaluate.kind must be one of {EVAL_KINDS}, got {e.kind!r}")
     if e.kind in ("mcq", "geneval") and not args.input:
@@ -215,8 +217,6 @@ def evaluate_mode(config, args) -> dict:
     u, g, a = config.understand, config.generate, config.analysis
     # Inputs are read before the weights load (minutes for 7B), so a wrong path fails at once.
     if e.kind == "mcq":
-        from sgt_jax.eval import mcq
-
         questions = mcq.load_benchmark(args.input)[:limit]
         inf = make_inferencer(config, args)
         answer = lambda image, prompt: inf.understand(  # noqa: E731
@@ -227,8 +227,6 @@ def evaluate_mode(config, args) -> dict:
               f"unparsed={result['unparsed']} -> {out_dir}")
         return result
     if e.kind == "geneval":
-        from sgt_jax.eval import geneval
-
         geneval.read_metadata(args.input)
         inf = make_inferencer(config, args)
         result = geneval.run_geneval(args.input, out_dir, lambda p, s: generate_one(inf, config, p, [], s),
@@ -237,9 +235,6 @@ def evaluate_mode(config, args) -> dict:
         return result
     if e.kind == "probe":
         from tqdm import tqdm
-
-        from sgt_jax.eval.features import FeatureExtractor
-        from sgt_jax.eval.probe import probe_report
 
         images, labels = _probe_set(config, args)
         inf = make_inferencer(config, args)
@@ -254,9 +249,6 @@ def evaluate_mode(config, args) -> dict:
         print("probe: " + ", ".join(f"{n_}={r['test_accuracy']:.3f}" for n_, r in result.items())
               + f" (chance {next(iter(result.values()))['chance']:.3f}) -> {out_dir}")
         return result
-    from sgt_jax.eval.attention_analysis import attention_report
-    from sgt_jax.eval.lexicon import load_lexicon
-
     vision, prompts = _attention_set(config, args)
     inf = make_inferencer(config, args)
     result = attention_report(

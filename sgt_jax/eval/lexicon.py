@@ -1,4 +1,4 @@
-"""Word categories for the attention-on-words analysis (specs/sgt_recipe.md §5.3, Fig. 8b).
+"""Word categories for the attention-on-words analysis (the paper, Fig. 8b).
 
 The paper groups prompt words into Object / Color / Position / Others but ships no mapping. Ours:
   * ``color``: the GenEval colour words plus common variants;

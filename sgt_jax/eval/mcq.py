@@ -1,4 +1,4 @@
-"""Multiple-choice benchmarks from local files in the CV-Bench layout (specs/sgt_recipe.md §4, §6.4).
+"""Multiple-choice benchmarks from local files in the CV-Bench layout (song2yu/SGT `BAGEL/eval/`).
 
 Input: a parquet file, a JSONL file, or a folder of them (all read, sorted by name). One row per question
 with the columns
@@ -43,15 +43,15 @@ from typing import Callable, Iterable
 
 from PIL import Image
 
+from sgt_jax.extras import require
+
 LETTERS = string.ascii_uppercase
 DEFAULT_SUFFIX = "Answer with the option's letter from the given choices directly."
 
 
 def _read_table(path: str) -> list[dict]:
     if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(path).to_pylist()
+        return require("pyarrow.parquet", "data").read_table(path).to_pylist()
     if path.endswith(".jsonl"):
         with open(path) as f:
             return [json.loads(line) for line in f if line.strip()]

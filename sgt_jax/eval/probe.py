@@ -1,4 +1,4 @@
-"""Linear-probe separability of image features (specs/sgt_recipe.md §5.1, Fig. 7).
+"""Linear-probe separability of image features (the paper, Fig. 7).
 
 The paper shows t-SNE plots of two confusable classes and claims better "linear separability" after
 SGT, with no classifier in the released code. Our protocol (decided here, recorded in the output):
@@ -17,10 +17,13 @@ import os
 
 import numpy as np
 
+from sgt_jax.extras import require
+
 
 def linear_probe(features: np.ndarray, labels: np.ndarray, test_fraction: float = 0.3, c: float = 1.0,
                  seed: int = 0) -> dict:
     """Held-out accuracy of an L2 logistic-regression probe on ``features`` [N, D] with ``labels`` [N]."""
+    require("sklearn", "eval")
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import train_test_split
     from sklearn.pipeline import make_pipeline
@@ -51,6 +54,7 @@ def linear_probe(features: np.ndarray, labels: np.ndarray, test_fraction: float 
 
 def project_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
     """[N, 2] projection of the (standardised) features, for plots only."""
+    require("sklearn", "eval")
     from sklearn.preprocessing import StandardScaler
 
     x = StandardScaler().fit_transform(np.asarray(features, np.float64))
@@ -67,7 +71,7 @@ def project_2d(features: np.ndarray, method: str = "pca", seed: int = 0) -> np.n
 
 
 def plot_projection(points: np.ndarray, labels: np.ndarray, path: str, title: str = "") -> str:
-    import matplotlib
+    matplotlib = require("matplotlib", "eval")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,6 +1,6 @@
 """Segmentation by generation: generated colour map -> instance masks -> scores against ground truth.
 
-SGT's model answers "give each instance its own colour" with an RGB image (specs/sgt_recipe.md §1).
+SGT's model answers "give each instance its own colour" with an RGB image (the paper; song2yu/SGT `BAGEL/data/sam_190k.py`).
 Scoring it needs two steps, both here and both host-side numpy (no jit: sizes vary per image):
 
 1. ``colour_map_to_instances``: a generated image never holds exact palette colours (the VAE blurs

@@ -1,6 +1,6 @@
 """BAGEL packed attention: the mask rule computed from per-token metadata, GQA, two implementations.
 
-The rule (specs/bagel.md §2.4, docs/interfaces.md §1) for a query q and key k, both real:
+The rule (ByteDance-Seed/Bagel `data/data_utils.py`, docs/interfaces.md §1) for a query q and key k, both real:
 ``doc[q]==doc[k]`` and (``order[k] <= order[q]`` or (``split[q]==split[k]`` and ``mode[q]`` is full or
 noise)) and not (``mode[k]`` is noise and ``split[k] != split[q]``). Pad tokens have ``doc == -1``;
 nothing attends to them and they attend to nothing (their output is exactly 0, finite).

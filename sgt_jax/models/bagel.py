@@ -1,4 +1,4 @@
-"""BAGEL-7B-MoT as one NNX module and its packed training forward (specs/bagel.md §1.1, §1.5, §1.10, §2.2).
+"""BAGEL-7B-MoT as one NNX module and its packed training forward (ByteDance-Seed/Bagel `modeling/bagel/bagel.py`).
 
 Submodules: ``llm`` (Qwen2 MoT), ``vit`` (SigLIP NaViT), ``connector`` (1152→H→H, tanh-GELU),
 ``time_embedder``, ``vae2llm``, ``llm2vae`` (zero-init), ``vae`` (FLUX VAE, frozen by the optimizer).
@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from sgt_jax.models.attention import TokenMeta
 from sgt_jax.models.flux_vae import FluxVAE
@@ -22,6 +23,8 @@ from sgt_jax.models.layers import Dense, canonical_dtype, constrain, gelu_tanh, 
 from sgt_jax.models.posemb import TimestepEmbedder, sincos_2d
 from sgt_jax.models.qwen2_mot import Qwen2MoT
 from sgt_jax.models.siglip_navit import SiglipNaViT
+from sgt_jax.parallel.mesh import Rules
+from sgt_jax.parallel.sharding import abstract_with_shardings, state_shardings
 
 KIND_PAD, KIND_TEXT, KIND_VIT, KIND_LATENT = 0, 1, 2, 3
 
@@ -51,6 +54,7 @@ class Bagel(nnx.Module):
         self.patch_latent_dim = model_cfg.latent_patch_size ** 2 * model_cfg.vae.z_channels
         self.vit_grid = model_cfg.vit.max_patches_per_side
         self.latent_grid = model_cfg.max_latent_size
+        self.pos_table_dtype = jnp.dtype(model_cfg.pos_table_dtype)
 
         self.llm = Qwen2MoT(model_cfg, rngs=rngs)
         # All Bagel params are created unplaced (no mesh needed); placement comes from the logical names
@@ -71,12 +75,12 @@ class Bagel(nnx.Module):
     def embed_vit(self, patches, pos, image_id):
         """ViT rows -> LLM embeddings ``[B, P, H]``: ``connector(vit(...)) + sincos(pos)``."""
         v = self.connector(self.vit(patches, pos, image_id))
-        return constrain(v + sincos_2d(pos, self.vit_grid, self.hidden).astype(v.dtype), ("batch", "seq", "act_embed"))
+        return constrain(v + sincos_2d(pos, self.vit_grid, self.hidden, self.pos_table_dtype).astype(v.dtype), ("batch", "seq", "act_embed"))
 
     def embed_latents(self, x_t, t, latent_pos):
         """Latent rows -> LLM embeddings ``[B, Z, H]``: ``vae2llm(x_t) + time_embedder(t) + sincos(pos)``."""
         e = self.vae2llm(x_t) + self.time_embedder(t)
-        return constrain(e + sincos_2d(latent_pos, self.latent_grid, self.hidden).astype(e.dtype),
+        return constrain(e + sincos_2d(latent_pos, self.latent_grid, self.hidden, self.pos_table_dtype).astype(e.dtype),
                          ("batch", "seq", "act_embed"))
 
     def embed_batch(self, batch, x_t, t):
@@ -125,12 +129,19 @@ class Bagel(nnx.Module):
 # ---- abstract (never allocating) helpers ----
 def abstract_bagel(model_cfg, *, with_vae: bool = True) -> Bagel:
     """A ``Bagel`` whose parameters are ``ShapeDtypeStruct``s (``nnx.eval_shape``): no memory allocated."""
-    return nnx.eval_shape(lambda: Bagel(model_cfg, rngs=nnx.Rngs(0), with_vae=with_vae))
+    with nnx.use_eager_sharding(False):
+        return nnx.eval_shape(lambda: Bagel(model_cfg, rngs=nnx.Rngs(0), with_vae=with_vae))
 
 
-def abstract_params(model_cfg, *, with_vae: bool = True) -> dict:
-    """Nested dict of ``ShapeDtypeStruct`` matching ``nnx.state(model, nnx.Param).to_pure_dict()``."""
-    return nnx.state(abstract_bagel(model_cfg, with_vae=with_vae), nnx.Param).to_pure_dict()
+def abstract_params(model_cfg, *, with_vae: bool = True, mesh: Mesh | None = None, rules: Rules = ()) -> dict:
+    """Nested dict of ``ShapeDtypeStruct`` matching ``nnx.state(model, nnx.Param).to_pure_dict()``.
+
+    Given a ``mesh`` (and the logical ``rules``), every leaf carries the NamedSharding its logical axis names
+    map to: the target of a sharded restore, import or AOT compile. Allocates nothing."""
+    params = nnx.state(abstract_bagel(model_cfg, with_vae=with_vae), nnx.Param)
+    if mesh is None:
+        return params.to_pure_dict()
+    return abstract_with_shardings(params.to_pure_dict(), state_shardings(params, mesh, rules).to_pure_dict())
 
 
 def count_params(tree) -> int:

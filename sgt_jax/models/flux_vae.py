@@ -1,6 +1,6 @@
 """The FLUX.1 autoencoder (BAGEL's VAE), Flax NNX, NHWC.
 
-What it computes (specs/bagel.md §1.6, §1.7): images in [-1, 1] -> encoder -> posterior statistics
+What it computes (ByteDance-Seed/Bagel `modeling/autoencoder.py`): images in [-1, 1] -> encoder -> posterior statistics
 (mean, logvar) with ``z_channels`` channels at 1/2^(levels-1) resolution; latents are *sampled*
 (``mean + exp(logvar/2) * eps``) and mapped to model space by ``scale_factor * (z - shift_factor)``;
 the decoder maps latents back to pixels.
@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sgt_jax.models.layers import canonical_dtype
 
@@ -277,3 +279,32 @@ def unpatchify_latent(x, h: int, w: int, p: int):
     c = d // (p * p)
     x = x.reshape(b, h, w, p, p, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h * p, w * p, c)
+
+
+def make_stats_encoder(vae: FluxVAE, latent_patch_size: int, devices=None):
+    """``images [B,H,W,3] in [-1,1] -> (mean, logvar)`` patchified to [B, h·w, p·p·zc], as numpy (what the
+    latent cache stores, sgt_jax/data/latent_cache.py).
+
+    Data parallel over ``devices`` (default: this process's local devices): the weights are replicated, the
+    batch is split along its first axis (padded with zero images to a multiple of the device count; the pad
+    rows are dropped). jit-compiled once per image size."""
+    devices = list(devices if devices is not None else jax.local_devices())
+    mesh = Mesh(np.array(devices), ("batch",))
+    rows, replicated = NamedSharding(mesh, PartitionSpec("batch")), NamedSharding(mesh, PartitionSpec())
+    graphdef, state = nnx.split(vae)
+    state = jax.device_put(state, replicated)
+
+    @jax.jit
+    def encode(st, x):
+        mean, logvar = nnx.merge(graphdef, st).encode_stats(x)
+        return patchify_latent(mean, latent_patch_size), patchify_latent(logvar, latent_patch_size)
+
+    def run(x: np.ndarray):
+        b = x.shape[0]
+        pad = -b % len(devices)
+        if pad:
+            x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+        mean, logvar = encode(state, jax.device_put(x, rows))
+        return np.asarray(mean)[:b], np.asarray(logvar)[:b]
+
+    return run

@@ -1,5 +1,5 @@
 """Small building blocks shared by the BAGEL model: parameters with logical axis names, Dense, Embed,
-RMSNorm, SwiGLU MLP, rotate-half RoPE and tanh-GELU (specs/bagel.md §1.2, §1.5).
+RMSNorm, SwiGLU MLP, rotate-half RoPE and tanh-GELU (Qwen2, transformers `models/qwen2/modeling_qwen2.py`).
 
 Why our own Dense instead of ``nnx.Linear``: attention projections keep the head axes as real array
 axes (kernel ``(embed, q_heads, head_dim)``), so the rules table can shard heads without reshapes, and
@@ -192,3 +192,15 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
+
+
+def stacked(num: int, make: Callable[[nnx.Rngs], nnx.Module], rngs: nnx.Rngs) -> nnx.Module:
+    """``num`` layers built by ``make(rngs)`` with their parameters stacked on a leading ``layers`` axis
+    (independent random init per layer), ready for ``jax.lax.scan`` over ``nnx.split(...)``'s state."""
+
+    @nnx.split_rngs(splits=num)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def build(r):
+        return make(r)
+
+    return build(rngs)

@@ -1,4 +1,4 @@
-"""Qwen2 Mixture-of-Transformers decoder of BAGEL-7B-MoT (specs/bagel.md §1.2, §1.3, §3.1).
+"""Qwen2 Mixture-of-Transformers decoder of BAGEL-7B-MoT (Qwen2, transformers `models/qwen2/modeling_qwen2.py`).
 
 Each layer holds an understanding (``und``) and a generation (``gen``) expert: q/k/v projections with
 bias, o projection without, per-head q/k RMSNorm BEFORE RoPE, input/post RMSNorms and a SwiGLU MLP.
@@ -143,7 +143,7 @@ class Qwen2MoT(nnx.Module):
         self.remat_policy = model_cfg.remat_policy
         remat(lambda x: x, self.remat_policy)  # validate the name now, not at first call
         self.scan_layers = bool(model_cfg.scan_layers)
-        self.freeze_und = bool(model_cfg.get("freeze_und", False))
+        self.freeze_und = bool(model_cfg.freeze_und)
         self.num_layers, self.head_dim, self.theta = llm.num_layers, llm.head_dim, llm.rope_theta
         kw = dict(dtype=self.dtype, param_dtype=param_dtype)
 

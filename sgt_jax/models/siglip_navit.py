@@ -1,6 +1,6 @@
 """SigLIP NaViT vision encoder (BAGEL's ViT), Flax NNX.
 
-What it computes (specs/bagel.md §1.4, §2.5): several images are cut into 14x14 patches, concatenated
+What it computes (ByteDance-Seed/Bagel `modeling/bagel/siglip_navit.py`): several images are cut into 14x14 patches, concatenated
 into one patch stream per pack, embedded by a Linear layer (BAGEL stores SigLIP's Conv2d patch
 embedding in Linear form), summed with SigLIP's *learned* position table indexed by ``row*G + col``
 (G = ``max_patches_per_side``; a small image uses the top-left sub-grid, no interpolation), passed

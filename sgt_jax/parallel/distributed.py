@@ -9,7 +9,7 @@ the job really is several processes. The launch information comes from (first wi
 With none of these, a single process runs and nothing is initialised.
 
 ``check_platform`` guards against the silent CPU fallback seen on TPU VMs and Colab when another
-process holds the chips (specs/jax_practice.md §10.2 item 5).
+process holds the chips (a silent fallback that JAX allows).
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ _initialized = False
 
 def distributed_settings(config) -> dict | None:
     """The resolved ``jax.distributed.initialize`` arguments, or None for a single-process run."""
-    dist = config.mesh.get("distributed", None) if hasattr(config, "mesh") else None
-    coordinator = (dist.get("coordinator_address", "") if dist else "") or os.environ.get(ENV_COORDINATOR, "")
-    num = (dist.get("num_processes", 0) if dist else 0) or int(os.environ.get(ENV_NUM_PROCESSES, "0") or 0)
-    pid_cfg = dist.get("process_id", -1) if dist else -1
-    pid = pid_cfg if pid_cfg is not None and pid_cfg >= 0 else int(os.environ.get(ENV_PROCESS_ID, "-1") or -1)
-    auto = bool(dist.get("auto", False)) if dist else False
+    dist = config.mesh.distributed
+    coordinator = dist.coordinator_address or os.environ.get(ENV_COORDINATOR, "")
+    num = dist.num_processes or int(os.environ.get(ENV_NUM_PROCESSES, "0") or 0)
+    pid = dist.process_id if dist.process_id >= 0 else int(os.environ.get(ENV_PROCESS_ID, "-1") or -1)
+    auto = bool(dist.auto)
     if coordinator or num > 1:
         if not coordinator or num < 1 or pid < 0:
             raise ValueError(
@@ -70,7 +69,7 @@ def maybe_initialize(config) -> bool:
 
 def check_platform(config) -> str:
     """Fail if the default backend is not ``config.train.platform`` ("" or "any": accept whatever)."""
-    wanted = str(config.train.get("platform", "") or "").lower()
+    wanted = str(config.train.platform).lower()
     actual = jax.default_backend().lower()
     if wanted in ("", "any"):
         return actual

@@ -3,7 +3,7 @@
 Why ``jax.make_array_from_process_local_data``: each process feeds only its own rows, and the function
 places them on the process's devices according to the *real* batch NamedSharding (batch over the
 ``batch`` rule's mesh axes, replicated over the others), so the same code runs on 1 CPU, 8 fake CPU
-devices, several processes, or a pod (specs/jax_practice.md §2.5).
+devices, several processes, or a pod (``jax.make_array_from_process_local_data``, as MaxText does).
 
 Only the model-facing keys of docs/interfaces.md §1 go to the device; bookkeeping keys (n_seg, n_vqa,
 useful_tokens, ...) stay on the host for metrics.

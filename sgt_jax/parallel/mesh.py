@@ -5,7 +5,7 @@ constraints) is derived from ``config.mesh`` through the two functions here, so 
 parallelism of a run is a config edit, never a code edit.
 
 * ``make_mesh(config.mesh)`` builds a ``jax.sharding.Mesh`` with ``AxisType.Auto`` axes (Flax's logical
-  constraints and embedding gathers fail under Explicit axes, see shared/env.md); a ``-1`` entry in
+  constraints and embedding gathers fail under Explicit axes, which ``jax.make_mesh`` now defaults to); a ``-1`` entry in
   ``mesh.shape`` takes the devices left over by the others.
 * ``logical_rules(config)`` returns the ordered ``(logical_name, mesh_axes)`` table. A logical name may
   appear several times: ``logical_to_spec`` takes the first entry whose mesh axes are still unused in

@@ -1,6 +1,6 @@
 """Shardings for Flax NNX state: from logical axis names on each Variable to NamedShardings on the mesh.
 
-Why: no process may ever hold the full model. The pattern (shared/env.md, specs/jax_practice.md §2.3) is
+Why: no process may ever hold the full model. The pattern (as in MaxText, AI-Hypercomputer/maxtext) is
   1. build the module abstractly (``nnx.eval_shape`` with eager sharding off: nothing is allocated),
   2. read each Variable's logical names (``out_sharding`` metadata) and map them through the rules table,
   3. materialise with ``jax.jit(init, out_shardings=...)`` (each device computes only its own shard) or

@@ -1,4 +1,4 @@
-"""Host-side construction of the blocks appended to an inference context (specs/bagel.md §3.1, §3.3).
+"""Host-side construction of the blocks appended to an inference context (ByteDance-Seed/Bagel `modeling/bagel/bagel.py`, `inferencer.py`).
 
 A block is a dict of numpy arrays in the packed-batch layout (docs/interfaces.md §1) with B = 1 —
 ``tokens``, ``kind`` (und tokens first, latent tokens last), optional ``vit_patches``/``vit_pos``/

@@ -19,7 +19,10 @@ import time
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from sgt_jax.data.tokenizer import get_tokenizer
 from sgt_jax.sampling import flow
+from sgt_jax.sampling.inference import Inferencer
+from sgt_jax.sampling.loading import load_model
 
 
 def load_image(path: str) -> np.ndarray:
@@ -84,10 +87,6 @@ def read_requests(args, need_prompt: bool = True) -> list[dict]:
 
 def make_inferencer(config, args):
     """Load weights (sgt_jax/sampling/loading.py) and the tokenizer; print where they came from."""
-    from sgt_jax.data.tokenizer import get_tokenizer
-    from sgt_jax.sampling.inference import Inferencer
-    from sgt_jax.sampling.loading import load_model
-
     t0 = time.time()
     model, source = load_model(config, args.workdir, args.step, args.weights)
     print(f"loaded weights from {source} in {time.time() - t0:.1f}s")
@@ -163,7 +162,7 @@ def generate_one(inf, config, prompt: str, images: list[np.ndarray], seed: int, 
     info = dict(prompt=prompt, seed=seed, height=height, width=width, mode="edit" if edit else "t2i",
                 num_timesteps=int(g.num_timesteps), timestep_shift=float(g.timestep_shift),
                 image_condition=cond if edit else None, think=bool(g.think), thought=thought,
-                cfg=cfg._asdict(), variant=config.get("variant", ""))
+                cfg=cfg._asdict(), variant=config.variant)
     return image, info
 
 

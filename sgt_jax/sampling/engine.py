@@ -1,4 +1,4 @@
-"""KV-cache contexts and the jitted model calls of inference (specs/bagel.md §3.1–3.3).
+"""KV-cache contexts and the jitted model calls of inference (ByteDance-Seed/Bagel `modeling/bagel/bagel.py`, `inferencer.py`).
 
 A ``Context`` is BAGEL's per-flow cache (gen / cfg_text / cfg_img) with STATIC capacity ``S``:
   * ``k, v``  ``[num_layers, 1, S, Hkv, D]`` keys (after q/k-norm and RoPE) and values, compute dtype;

@@ -1,4 +1,4 @@
-"""Flow-matching sampling math for BAGEL image generation (specs/bagel.md §3.3–3.4).
+"""Flow-matching sampling math for BAGEL image generation (ByteDance-Seed/Bagel `modeling/bagel/bagel.py` `generate_image`).
 
 Pure functions of arrays, no model: the timestep schedule with shift, the CFG interval rule and the
 three CFG renormalisation types. They are kept separate from the model calls so that each can be
@@ -78,7 +78,7 @@ def _norm(x, axis):
 
 
 def combine_cfg(v_c, v_t, v_i, text_scale, img_scale, renorm_type: str, renorm_min):
-    """Combine the three velocity predictions with BAGEL's guidance + renorm (specs/bagel.md §3.4).
+    """Combine the three velocity predictions with BAGEL's guidance + renorm (ByteDance-Seed/Bagel `modeling/bagel/bagel.py` `_forward_flow`).
 
     Args:
       v_c, v_t, v_i: [..., Z, C] velocities from the full, cfg-text and cfg-img contexts. The last two

@@ -1,4 +1,4 @@
-"""BAGEL inference flows: understanding (text out) and generation (image out) (specs/bagel.md §3.2–3.5).
+"""BAGEL inference flows: understanding (text out) and generation (image out) (ByteDance-Seed/Bagel `modeling/bagel/bagel.py`, `inferencer.py`).
 
 ``Inferencer`` wraps a loaded model, its tokenizer and the config and builds BAGEL's three contexts:
 
@@ -45,9 +45,17 @@ class Contexts:
     out_hw: tuple[int, int] | None  # output image size from the last input image (pixels)
 
 
-def to_uint8(image) -> np.ndarray:
-    """[-1, 1] float image -> uint8 (BAGEL: x*0.5+0.5, clamp to [0,1], *255)."""
-    return np.asarray(jnp.round(jnp.clip(jnp.asarray(image) * 0.5 + 0.5, 0, 1) * 255)).astype(np.uint8)
+UINT8_MODES = ("round", "truncate")
+
+
+def to_uint8(image, mode: str = "round") -> np.ndarray:
+    """[-1, 1] float image -> uint8: x*0.5+0.5, clamp to [0,1], *255, then rounded to the nearest integer
+    ("round") or truncated ("truncate": the official inference code, ByteDance-Seed/Bagel ``inferencer.py``
+    ``decode_image``, whose ``.to(torch.uint8)`` drops the fraction; its pixels are 0.5 darker on average)."""
+    if mode not in UINT8_MODES:
+        raise ValueError(f"config.generate.uint8 must be one of {UINT8_MODES}, got {mode!r}")
+    scaled = jnp.clip(jnp.asarray(image, jnp.float32) * 0.5 + 0.5, 0, 1) * 255
+    return np.asarray(jnp.round(scaled) if mode == "round" else jnp.floor(scaled)).astype(np.uint8)
 
 
 class Inferencer:
@@ -190,7 +198,7 @@ class Inferencer:
                                   jnp.float32(s_img), renorm_type=cfg.renorm_type, renorm_min=jnp.float32(cfg.renorm_min))
             x = flow.euler_step(x, v, jnp.float32(dt))
         image = self._vae_decode(self._state, x[None], hw=(h, w), p=self.latent_p)
-        image = to_uint8(image[0])
+        image = to_uint8(image[0], str(self.config.generate.uint8))
         return (image, np.asarray(x)) if return_latents else image
 
     def think(self, ctxs: Contexts, *, max_new_tokens: int, seed: int = 0) -> tuple[Contexts, str]:

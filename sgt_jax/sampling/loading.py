@@ -20,23 +20,15 @@ import jax
 from flax import nnx
 
 from sgt_jax.checkpoint import store
+from sgt_jax.models.bagel import abstract_bagel, abstract_params
+from sgt_jax.parallel.mesh import logical_rules, make_mesh
 
 
 def abstract_model_and_params(config):
     """(abstract Bagel, pure-dict of ShapeDtypeStructs with shardings, mesh)."""
-    from sgt_jax.models.bagel import Bagel
-    from sgt_jax.parallel.mesh import logical_rules, make_mesh
-    from sgt_jax.parallel.sharding import state_shardings
-
     mesh = make_mesh(config.mesh)
-    rules = logical_rules(config)
-    with nnx.use_eager_sharding(False):
-        abstract = nnx.eval_shape(lambda: Bagel(config.model, rngs=nnx.Rngs(0)))
-    params = nnx.state(abstract, nnx.Param)
-    shardings = state_shardings(params, mesh, rules).to_pure_dict()
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          params.to_pure_dict(), shardings)
-    return abstract, target, mesh
+    target = abstract_params(config.model, mesh=mesh, rules=logical_rules(config))
+    return abstract_bagel(config.model), target, mesh
 
 
 def random_params(config, seed: int = 0, std: float = 0.05) -> dict:
@@ -71,6 +63,17 @@ def model_from_params(config, pure: dict):
     return nnx.merge(nnx.graphdef(abstract), state)
 
 
+def ema_note(run_config: dict, step: int) -> str:
+    """What the EMA of a checkpoint is: its decay, the steps it has averaged, and the share the starting
+    weights still hold in it (``decay ** step``; a warning when that is most of it)."""
+    decay = float(run_config["train"]["ema_decay"])
+    left = decay ** step
+    note = f"; EMA decay {decay} over {step} steps: the starting weights still weigh {left:.2g} in it"
+    if left > 0.5:
+        note += " (mostly the starting weights: train longer, lower the decay, or load --weights raw)"
+    return note
+
+
 def _resolve_step(workdir: str, step: int | None) -> int:
     manager = store.make_manager(workdir, keep=1_000_000, async_save=False, read_only=True)
     try:
@@ -94,11 +97,13 @@ def load_model(config, workdir: str, step: int | None = None, weights: str = "em
 
     Returns (model, description of the source)."""
     abstract, target, _ = abstract_model_and_params(config)
-    init_from = config.checkpoint.get("init_from", "") if "checkpoint" in config else ""
+    init_from = config.checkpoint.init_from
     if _has_training_checkpoints(workdir):
         step = _resolve_step(workdir, step)
         layout = store.read_json_item(workdir, step, "layout")
         source = f"{store.checkpoint_dir(workdir)} step {step} ({weights})"
+        if weights == "ema":
+            source += ema_note(store.read_json_item(workdir, step, "config"), step)
         if layout.get("with_vae", True):
             pure = store.load_for_inference(workdir, step, weights, abstract_params=target)
         else:

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
+from sgt_jax.checkpoint import convert
 from sgt_jax.checkpoint import store
 from sgt_jax.train import state as state_lib
 from sgt_jax.train.freeze import frozen_groups
@@ -33,11 +34,11 @@ _MUST_MATCH = ("scan_layers", "scan_axis", "param_dtype", "frozen_groups", "with
 def layout_meta(config, mesh: Mesh) -> dict:
     return {
         "version": LAYOUT_VERSION,
-        "scan_layers": bool(config.model.get("scan_layers", True)),
+        "scan_layers": bool(config.model.scan_layers),
         "scan_axis": 0,
         "param_dtype": str(config.model.param_dtype),
-        "ema_dtype": str(config.train.get("ema_dtype", "float32")),
-        "ema": float(config.train.get("ema_decay", 0.0)) > 0,
+        "ema_dtype": str(config.train.ema_dtype),
+        "ema": float(config.train.ema_decay) > 0,
         "frozen_groups": sorted(frozen_groups(config)),
         "with_vae": state_lib.latents_online(config),
         "mesh": {k: int(v) for k, v in dict(mesh.shape).items()},
@@ -84,21 +85,19 @@ def restore_state(manager, spec: state_lib.StateSpec, config, mesh: Mesh, step: 
 
 def initial_state(config, spec: state_lib.StateSpec, mesh: Mesh) -> dict:
     """A state for a run with no own checkpoint: from ``config.checkpoint.init_from`` or random."""
-    src = str(config.checkpoint.get("init_from", "") or "")
+    src = str(config.checkpoint.init_from)
     if not src:
         return state_lib.init_state(config, spec)
     target = state_lib.full_param_target(spec)
     if os.path.exists(os.path.join(src, store.PARAMS_META)):
         meta = store.read_params_meta(src)
         saved_scan = meta.get("layout", {}).get("scan_layers", meta.get("scan_layers"))
-        if saved_scan is not None and bool(saved_scan) != bool(config.model.get("scan_layers", True)):
+        if saved_scan is not None and bool(saved_scan) != bool(config.model.scan_layers):
             raise ValueError(f"init_from {src!r} was written with scan_layers={saved_scan}, the config has "
-                             f"{config.model.get('scan_layers', True)}")
+                             f"{config.model.scan_layers}")
         # A model without its VAE (cached latents) restores the subset it has.
         params = store.load_params(src, target, strict="vae" in target)
     elif os.path.exists(os.path.join(src, "llm_config.json")):
-        from sgt_jax.checkpoint import convert  # the conversion engineer's import machinery
-
         params, _, _ = convert.import_folder(src, config, progress=jax.process_index() == 0)
         params = {k: v for k, v in params.items() if k in target}  # no VAE in a cached-latent model
     else:

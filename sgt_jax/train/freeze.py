@@ -1,6 +1,6 @@
 """Which parameters train: every Bagel parameter belongs to exactly one freeze group.
 
-Groups (config.train.freeze.<group> = True freezes it; SGT default: all False, specs/sgt_recipe.md §3.1):
+Groups (config.train.freeze.<group> = True freezes it; SGT default: all False, song2yu/SGT `BAGEL/shells/train_sgt.sh`):
   vit          SigLIP NaViT (patch embedding, position embedding, layers, post-layernorm)
   connector    the ViT -> LLM MLP connector
   und          the understanding expert: llm.layers.und.*, the und final norm llm.norm
@@ -18,44 +18,18 @@ An unclassified parameter path is an error, so a renamed module cannot silently 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from flax import nnx
 
-GROUPS = ("vit", "connector", "und", "gen", "embeddings", "lm_head", "vae")
-
-
-def group_of(path: Sequence[str]) -> str:
-    """The freeze group of a parameter path (tuple of names, e.g. ('llm', 'layers', 'und', ...))."""
-    p = tuple(str(x) for x in path)
-    head = p[0] if p else ""
-    if head in ("vit", "connector", "vae"):
-        return head
-    if head in ("vae2llm", "llm2vae", "time_embedder"):
-        return "gen"
-    if head == "llm" and len(p) > 1:
-        sub = p[1]
-        if sub == "layers" and len(p) > 2 and p[2] in ("und", "gen"):
-            return p[2]
-        if sub == "norm":
-            return "und"
-        if sub == "norm_gen":
-            return "gen"
-        if sub == "embed_tokens":
-            return "embeddings"
-        if sub == "lm_head":
-            return "lm_head"
-    raise ValueError(f"parameter {'/'.join(p)} belongs to no freeze group; update sgt_jax/train/freeze.py")
+from sgt_jax.models.groups import GROUPS, group_of
 
 
 def frozen_groups(config) -> frozenset[str]:
     """The set of frozen groups from ``config.train.freeze`` (the VAE always included)."""
-    freeze = config.train.get("freeze", None)
-    out = {"vae"}
-    if freeze is not None:
-        unknown = set(freeze.keys()) - set(GROUPS)
-        if unknown:
-            raise ValueError(f"config.train.freeze has unknown group(s) {sorted(unknown)}; groups: {GROUPS}")
-        out |= {g for g in freeze.keys() if bool(freeze[g])}
-    return frozenset(out)
+    freeze = config.train.freeze
+    unknown = set(freeze.keys()) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"config.train.freeze has unknown group(s) {sorted(unknown)}; groups: {GROUPS}")
+    return frozenset({"vae"} | {g for g in freeze.keys() if bool(freeze[g])})
 
 
 def path_names(path) -> tuple[str, ...]:
@@ -65,8 +39,6 @@ def path_names(path) -> tuple[str, ...]:
 
 def make_filters(config):
     """``(trainable_filter, frozen_filter)`` nnx filters (callables ``(path, value) -> bool``)."""
-    from flax import nnx
-
     frozen = frozen_groups(config)
 
     def is_frozen(path, value):

@@ -26,12 +26,13 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
-
-from sgt_jax import parallel
-from sgt_jax.checkpoint import store
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sgt_jax import parallel
+from sgt_jax.checkpoint import convert, store
+from sgt_jax.mode_args import ModeArgs
 from sgt_jax.train import checkpointing, metrics as metrics_lib
+from sgt_jax.train import flops as flops_lib
 from sgt_jax.train import overlap as overlap_lib
 from sgt_jax.train import state as state_lib
 from sgt_jax.train import step as step_lib
@@ -107,7 +108,7 @@ class _Profile:
 
 
 def _profile_window(tc, workdir: str) -> _Profile:
-    window = tuple(tc.get("profile_steps", ()) or ())
+    window = tuple(tc.profile_steps or ())
     if not window:
         return _Profile(-1, -1, "")
     if len(window) != 2 or not 1 <= int(window[0]) <= int(window[1]):
@@ -125,8 +126,6 @@ def _crc(host: dict) -> int:
 
 
 def _flops_per_step(config, global_packs: int) -> float | None:
-    from sgt_jax.train import flops as flops_lib
-
     budgets = flops_lib.budgets_from_config(config)
     return flops_lib.step_flops(config.model, budgets, packs=global_packs, frozen=flops_frozen_modules(config),
                                 vae_online=state_lib.latents_online(config)).total
@@ -134,9 +133,7 @@ def _flops_per_step(config, global_packs: int) -> float | None:
 
 def _peak_flops(config) -> float | None:
     """Per-device peak FLOP/s for MFU: config.train.peak_flops, else the TPU chip from the device kind."""
-    from sgt_jax.train import flops as flops_lib
-
-    peak = float(config.train.get("peak_flops", 0) or 0)
+    peak = float(config.train.peak_flops)
     if peak > 0:
         return peak
     chip = flops_lib.chip_from_device_kind(jax.devices()[0].device_kind)
@@ -201,8 +198,8 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
                          f"(got {total_steps}, {every})")
 
     _check_export_at_end(config)
-    overlap, prefetch = bool(tc.get("overlap", True)), int(tc.get("prefetch", 2))
-    check_every = int(tc.get("stop_check_every", 10))
+    overlap, prefetch = bool(tc.overlap), int(tc.prefetch)
+    check_every = int(tc.stop_check_every)
     if check_every < 1 or prefetch < 0:
         raise ValueError(f"config.train.stop_check_every must be >= 1 and config.train.prefetch >= 0 (got "
                          f"{check_every}, {prefetch})")
@@ -212,29 +209,29 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
     rules = parallel.logical_rules(config)
     spec, jitted, _ = step_lib.build(config, mesh, model_fn)
     parallel.check_sufficiently_sharded({"params": spec.abstract["params"], "frozen": spec.abstract["frozen"]},
-                                        mesh, rules, float(config.mesh.get("max_replicated_fraction", 0.02)))
+                                        mesh, rules, float(config.mesh.max_replicated_fraction))
 
     if iterator_fn is None:
         from sgt_jax.data.pipeline import make_train_iterator as iterator_fn
     iterator = iterator_fn(config, process_index=jax.process_index(), process_count=jax.process_count())
 
     manager = store.make_manager(workdir, keep=int(config.checkpoint.keep),
-                                 async_save=bool(config.checkpoint.get("async_save", True)))
+                                 async_save=bool(config.checkpoint.async_save))
     state, data = checkpointing.restore_state(manager, spec, config, mesh)
     if state is None:
         state = checkpointing.initial_state(config, spec, mesh)
     else:
-        _restore_data_state(iterator, data, bool(config.data.get("reshard_on_resume", False)))
+        _restore_data_state(iterator, data, bool(config.data.reshard_on_resume))
     start = int(jax.device_get(state["step"]))
     print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} devices, "
           f"{jax.process_count()} process(es); starting at step {start} of {total_steps}")
     if start >= total_steps:
         print(f"nothing to train: the checkpoint is at step {start} >= config.train.steps={total_steps}")
 
-    writer = metrics_lib.MetricWriter(workdir, tensorboard=bool(tc.get("tensorboard", True)), resume_step=start)
+    writer = metrics_lib.MetricWriter(workdir, tensorboard=bool(tc.tensorboard), resume_step=start)
     stop = _StopFlag()
     stop.install()
-    max_bad = int(tc.get("max_consecutive_nonfinite", 5))
+    max_bad = int(tc.max_consecutive_nonfinite)
     count_sum = jax.jit(lambda c: c.sum(axis=0), out_shardings=NamedSharding(mesh, PartitionSpec()))
 
     def to_device(host):
@@ -340,7 +337,7 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
                 data_stats = f"unavailable: {err}"
         if hasattr(iterator, "close"):
             iterator.close()
-    if step == total_steps and str(config.checkpoint.get("export_at_end", "") or ""):
+    if step == total_steps and str(config.checkpoint.export_at_end):
         _export(config, workdir, step)
     steady = times[1:] if len(times) > 1 else times
     n_seg, n_vqa = totals["n_seg"], totals["n_vqa"]
@@ -351,25 +348,24 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
         "skipped_steps": int(jax.device_get(state["skipped"])), "n_seg": n_seg, "n_vqa": n_vqa,
         "seg_vqa_ratio": (n_seg / n_vqa) if n_vqa else None,
     }
-    print("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    print("summary: " + ", ".join(f"{k}={v}" for k, v in metrics_lib.rounded(summary).items()))
     if data_stats:
-        print(f"data: {data_stats}")
+        print(f"data: {metrics_lib.rounded(data_stats)}")
     return 0
 
 
 def _check_export_at_end(config) -> None:
     """Refuse before training what the export at the end could not do (not after hours of steps)."""
-    weights = str(config.checkpoint.get("export_at_end", "") or "")
+    weights = str(config.checkpoint.export_at_end)
     if not weights:
         return
     if weights not in ("ema", "raw"):
         raise ValueError(f"config.checkpoint.export_at_end={weights!r}; allowed: '', 'ema', 'raw'")
-    if weights == "ema" and float(config.train.get("ema_decay", 0.0)) <= 0.0:
+    if weights == "ema" and float(config.train.ema_decay) <= 0.0:
         raise ValueError("config.checkpoint.export_at_end='ema' but the run keeps no EMA (config.train.ema_decay "
                          "is 0); export 'raw' or set an EMA decay")
-    from sgt_jax.checkpoint import convert
 
-    init_from = str(config.checkpoint.get("init_from", "") or "")
+    init_from = str(config.checkpoint.init_from)
     if not state_lib.latents_online(config) and not convert.vae_available(init_from):
         raise ValueError(
             f"config.checkpoint.export_at_end={weights!r}: a cached-latent run keeps no VAE in its checkpoints, "
@@ -379,10 +375,7 @@ def _check_export_at_end(config) -> None:
 
 def _export(config, workdir: str, step: int) -> None:
     """Write the EMA or raw weights of the final checkpoint as a BAGEL PyTorch folder."""
-    from sgt_jax.checkpoint import convert
-    from sgt_jax.main import ModeArgs
-
-    dest = str(config.checkpoint.get("export_dir", "") or "") or os.path.join(workdir, "export")
+    dest = str(config.checkpoint.export_dir) or os.path.join(workdir, "export")
     # export_at_end was validated by _check_export_at_end before step 0
     convert.run_export(config, ModeArgs(workdir=workdir, dest=dest, step=step,
                                         weights=str(config.checkpoint.export_at_end)))

@@ -1,4 +1,4 @@
-"""Flow-matching inputs and the SGT losses (specs/bagel.md §2.6–2.7).
+"""Flow-matching inputs and the SGT losses (ByteDance-Seed/Bagel `modeling/bagel/bagel.py` `forward`, `train/pretrain_unified_navit.py`).
 
 * Clean latents ``x0``: the VAE posterior is SAMPLED (``mean + exp(logvar/2)·N(0,1)``) and then scaled
   (``scale·(z − shift)``), from cached statistics (``latent_mean``/``latent_logvar``) or from an online

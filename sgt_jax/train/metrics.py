@@ -68,3 +68,15 @@ class MetricWriter:
 def read_metrics(workdir: str) -> list[dict]:
     with open(os.path.join(workdir, METRICS_FILE)) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def rounded(value, digits: int = 4):
+    """``value`` with every float (also inside dicts, lists and tuples) rounded to ``digits`` significant
+    digits, for the lines people read (the metrics file keeps full precision)."""
+    if isinstance(value, float):
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(rounded(v, digits) for v in value)
+    return value

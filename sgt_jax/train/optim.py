@@ -1,4 +1,4 @@
-"""Optimizer, learning-rate schedule and EMA (specs/sgt_recipe.md §3.1, specs/bagel.md §5).
+"""Optimizer, learning-rate schedule and EMA (song2yu/SGT `BAGEL/shells/train_sgt.sh`, ByteDance-Seed/Bagel `train/pretrain_unified_navit.py`).
 
 AdamW (b1 0.9, b2 0.95, eps 1e-15, weight decay 0) after a global-L2-norm clip of 1.0; learning rate
 linear warm-up from 0 then constant (SGT) or cosine to ``min_lr``. The optimizer sees only the
@@ -42,7 +42,7 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
     parts = []
     if optim_cfg.clip_norm and float(optim_cfg.clip_norm) > 0:
         parts.append(optax.clip_by_global_norm(float(optim_cfg.clip_norm)))
-    mu_dtype = str(optim_cfg.get("mu_dtype", "float32"))
+    mu_dtype = str(optim_cfg.mu_dtype)
     if mu_dtype not in MU_DTYPES:
         raise ValueError(f"config.optim.mu_dtype={mu_dtype!r}; allowed: {MU_DTYPES}")
     parts.append(optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),

@@ -12,7 +12,7 @@
     }
 
 Why a dict of nnx.States and not an nnx.Optimizer: the jitted step is a pure function of pytrees
-with explicit in/out shardings and donation (shared/design.md), and the checkpoint writes each part
+with explicit in/out shardings and donation, and the checkpoint writes each part
 as its own item (sgt_jax/checkpoint/store.py). No process ever holds the full model: the state is
 built by ``jax.jit(init, out_shardings=...)`` from an abstract (``nnx.eval_shape``) description.
 """
@@ -31,6 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sgt_jax import parallel
 from sgt_jax.checkpoint import store
+from sgt_jax.models.bagel import Bagel
 from sgt_jax.train.freeze import frozen_groups, make_filters
 from sgt_jax.train.optim import make_optimizer
 
@@ -40,13 +41,11 @@ SCALARS = ("step", "rng", "nonfinite", "skipped")
 def latents_online(config) -> bool:
     """True when the step encodes ``vae_images`` itself (the model, and so its checkpoints, hold the frozen
     VAE); False for cached latent statistics (``config.data.latents = "cached"``: no VAE in the model)."""
-    return str(config.data.get("latents", "online")) == "online"
+    return str(config.data.latents) == "online"
 
 
 def default_model_fn(config) -> Callable[[nnx.Rngs], nnx.Module]:
     """Bagel built from ``config.model``; the VAE is included only for online latent encoding."""
-    from sgt_jax.models.bagel import Bagel
-
     with_vae = latents_online(config)
     return lambda rngs: Bagel(config.model, rngs=rngs, with_vae=with_vae)
 
@@ -68,7 +67,7 @@ class StateSpec:
 
 
 def _ema_memory_kind(config, mesh: Mesh) -> str | None:
-    if not bool(config.train.get("ema_offload", False)):
+    if not bool(config.train.ema_offload):
         return None
     kinds = {m.kind for d in mesh.devices.flat for m in d.addressable_memories()}
     if "pinned_host" not in kinds:
@@ -97,8 +96,8 @@ def make_state_spec(config, mesh: Mesh, model_fn: Callable | None = None) -> Sta
     if not jax.tree.leaves(train):
         raise ValueError("config.train.freeze freezes every parameter: nothing to train")
     opt = jax.eval_shape(tx.init, train)
-    ema_dtype = jnp.dtype(str(config.train.get("ema_dtype", "float32")))
-    use_ema = float(config.train.get("ema_decay", 0.0)) > 0
+    ema_dtype = jnp.dtype(str(config.train.ema_dtype))
+    use_ema = float(config.train.ema_decay) > 0
     replicated = NamedSharding(mesh, PartitionSpec())
     shardings = {
         "params": parallel.state_shardings(train, mesh, rules),
@@ -150,7 +149,7 @@ def full_param_target(spec: StateSpec) -> dict:
 
 def state_from_params(config, spec: StateSpec, full_params: dict) -> dict:
     """A train state whose parameters AND EMA start from ``full_params`` (a pure dict of all model
-    parameters, already sharded), with a fresh optimizer — the SGT init (specs/sgt_recipe.md §3.1)."""
+    parameters, already sharded), with a fresh optimizer — the SGT init (song2yu/SGT `BAGEL/shells/train_sgt.sh`)."""
     seed = int(config.train.seed)
     frozen = frozen_groups(config)
 

@@ -52,7 +52,7 @@ def make_step_fn(config, spec: StateSpec, mesh: Mesh | None = None) -> Callable:
     train_cfg, model_cfg = config.train, config.model
     rules = parallel.logical_rules(config) if mesh is not None else None
     num_images = int(config.data.pack.vae_images)
-    decay = float(train_cfg.get("ema_decay", 0.0))
+    decay = float(train_cfg.ema_decay)
     ema_device = None
     if spec.use_ema:
         ema_device = jax.tree.map(lambda s: s.with_memory_kind("device") if s.memory_kind == "pinned_host" else None,
@@ -138,7 +138,7 @@ def make_step_fn(config, spec: StateSpec, mesh: Mesh | None = None) -> Callable:
 
 def microbatches(config) -> int:
     """``config.train.microbatches`` (K >= 1), checked against ``config.data.packs_per_batch``."""
-    k, packs = int(config.train.get("microbatches", 1)), int(config.data.packs_per_batch)
+    k, packs = int(config.train.microbatches), int(config.data.packs_per_batch)
     if k < 1 or packs % k:
         raise ValueError(f"config.train.microbatches={k} must be >= 1 and divide config.data.packs_per_batch="
                          f"{packs} (the global packs of one step, split into K micro-batches)")

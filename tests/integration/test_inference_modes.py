@@ -32,7 +32,7 @@ def workdir(tmp_path_factory):
 
 
 def _args(workdir, **kw):
-    from sgt_jax.main import ModeArgs
+    from sgt_jax.mode_args import ModeArgs
 
     return ModeArgs(workdir=workdir, **kw)
 
@@ -129,19 +129,26 @@ def test_evaluate_mcq_real_tiny_model(workdir):
     assert len(preds) == 2 and all("output" in p for p in preds)
 
 
-def test_evaluate_geneval_real_tiny_model(workdir):
-    """GenEval through the real generator (generate_one returns a numpy array: it used to crash on .save)."""
+def test_evaluate_geneval_official_preset(workdir, capsys):
+    """GenEval through the real tiny generator (generate_one returns a numpy array: it used to crash on
+    .save), with the official preset's settings in the images GenEval reads: 1 image per prompt, 50 steps,
+    CFG over [0, 1]."""
     from sgt_jax.eval.cli import evaluate_mode
 
-    meta = os.path.join(workdir, "evaluation_metadata.jsonl")
-    with open(meta, "w") as f:
-        f.write(json.dumps({"tag": "single_object", "prompt": "a red circle", "include": []}) + "\n")
-    res = evaluate_mode(_config(**{"evaluate.kind": "geneval", "evaluate.geneval_n_per_prompt": 1}),
-                        _args(workdir, input=meta))
-    assert res["images_written"] == 1 and res["prompts"] == 1
-    sample = os.path.join(workdir, "evaluate", "geneval", "00000", "samples", "0000.png")
-    assert Image.open(sample).size == (32, 32)
-    assert json.load(open(sample.replace(".png", ".json")))["prompt"] == "a red circle"
+    prompts = os.path.join(workdir, "evaluation_metadata_long.jsonl")
+    with open(prompts, "w") as f:
+        for p in ("a red circle", "a photo of two squares"):
+            f.write(json.dumps({"tag": "single_object", "prompt": p, "include": []}) + "\n")
+    cfg = _config(**{"evaluate.preset": "geneval_official", "evaluate.limit": 1})
+    res = evaluate_mode(cfg, _args(workdir, input=prompts))
+    assert res["prompts"] == 1 and res["images_written"] == 1
+    assert "compares to BAGEL 0.88 -> SGT-BAGEL 0.90" in capsys.readouterr().out
+    sample = os.path.join(workdir, "evaluate", "geneval", "00000", "samples")
+    assert sorted(os.listdir(sample)) == ["0000.json", "0000.png"]
+    assert Image.open(os.path.join(sample, "0000.png")).size == (32, 32)
+    info = json.load(open(os.path.join(sample, "0000.json")))
+    assert info["prompt"] == "a red circle" and info["num_timesteps"] == 50 and info["timestep_shift"] == 3.0
+    assert info["cfg"]["interval"] == [0.0, 1.0] and info["cfg"]["text_scale"] == 4.0
 
 
 def test_evaluate_probe_and_attention(workdir):

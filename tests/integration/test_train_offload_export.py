@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 from sgt_jax import parallel
 from sgt_jax.checkpoint import convert
-from sgt_jax.main import ModeArgs
+from sgt_jax.mode_args import ModeArgs
 from sgt_jax.train import loop
 from sgt_jax.train import state as state_lib
 from sgt_jax.train import step as step_lib

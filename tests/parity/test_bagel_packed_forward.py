@@ -1,6 +1,6 @@
 """The full packed BAGEL forward (ViT, connector, time embedder, MoT LLM, heads) vs a PyTorch reference
-written here from specs/bagel.md: tokens in ORIGINAL order, boolean-index expert routing, a dense
-additive mask built by the §2.4 rule, SigLIP run image by image. Weights: one random BAGEL-keyed
+written here from BAGEL's official code (ByteDance-Seed/Bagel ``modeling/bagel/``): tokens in ORIGINAL order,
+boolean-index expert routing, a dense additive mask built by the attention rule (docs/interfaces.md), SigLIP run image by image. Weights: one random BAGEL-keyed
 state dict, loaded into JAX through ``sgt_jax.checkpoint.convert.bagel_state_dict_to_params``.
 
 The JAX side gets the pack physically reordered (und tokens shuffled into [0, U), gen tokens shuffled

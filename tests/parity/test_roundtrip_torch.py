@@ -25,7 +25,9 @@ from flax import nnx  # noqa: E402
 from sgt_jax.checkpoint import convert, store  # noqa: E402
 from sgt_jax.checkpoint.table import flatten_paths  # noqa: E402
 from sgt_jax.configs_util import load_config  # noqa: E402
-from sgt_jax.main import ModeArgs  # noqa: E402
+from sgt_jax.mode_args import ModeArgs  # noqa: E402
+from sgt_jax.models.bagel import abstract_params  # noqa: E402
+from sgt_jax.parallel.mesh import logical_rules, make_mesh  # noqa: E402
 from tests.fixtures.bagel_folder import ema_key_shapes, flux_ae_key_shapes, write_bagel_folder  # noqa: E402
 from tests.parity.torch_models import random_diffusers_vae  # noqa: E402
 
@@ -45,7 +47,7 @@ def test_diffusers_vae_folder_imports_and_exports(tmp_path):
     meta = store.read_params_meta(run)
     assert meta["source"]["vae_naming"] == "diffusers"
     assert tuple(meta["model"]["vae"]["ch_mult"]) == tuple(m.vae.ch_mult)
-    params = store.load_params(run, convert.abstract_params(m, *convert._mesh_and_rules(config)))
+    params = store.load_params(run, abstract_params(m, mesh=make_mesh(config.mesh), rules=logical_rules(config)))
 
     from sgt_jax.models.flux_vae import FluxVAE
 

@@ -23,7 +23,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from sgt_jax.checkpoint.vision_tables import params_to_vit_state_dict, vit_state_dict_to_params  # noqa: E402
+from sgt_jax.checkpoint.vit_table import params_to_vit_state_dict, vit_state_dict_to_params  # noqa: E402
 from sgt_jax.configs_util import load_config  # noqa: E402
 from sgt_jax.models.siglip_navit import SiglipNaViT, patchify  # noqa: E402
 

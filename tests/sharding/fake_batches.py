@@ -174,7 +174,7 @@ def main(argv) -> int:
     the training loop on fake batches with the small config (used by the subprocess tests)."""
     import functools
 
-    from sgt_jax.main import ModeArgs
+    from sgt_jax.mode_args import ModeArgs
     from sgt_jax.train import loop
 
     workdir, steps, every, packs = argv[0], int(argv[1]), int(argv[2]), int(argv[3])

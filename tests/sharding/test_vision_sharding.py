@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sgt_jax.checkpoint import vision_tables as vt
+from sgt_jax.checkpoint import vision_tables as vt, vit_table
 from sgt_jax.models.flux_vae import FluxVAE
 from sgt_jax.models.siglip_navit import SiglipNaViT
 from sgt_jax.parallel.mesh import logical_rules, make_mesh
@@ -20,10 +20,10 @@ from sgt_jax.parallel.sharding import state_shardings
 
 def _params(which, c):
     rng = np.random.default_rng(0)
-    shapes = vt.vit_torch_shapes(c) if which == "vit" else vt.vae_torch_shapes(c)
+    shapes = vit_table.vit_torch_shapes(c) if which == "vit" else vt.vae_torch_shapes(c)
     sd = {k: (rng.normal(size=s) / np.sqrt(np.prod(s[1:])) if len(s) > 1 else 1.0 + 0.1 * rng.normal(size=s))
           .astype(np.float32) for k, s in shapes.items()}
-    return vt.vit_state_dict_to_params(sd, c) if which == "vit" else vt.vae_state_dict_to_params(sd, c)
+    return vit_table.vit_state_dict_to_params(sd, c) if which == "vit" else vt.vae_state_dict_to_params(sd, c)
 
 
 @pytest.mark.multidevice

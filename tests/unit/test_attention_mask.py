@@ -1,4 +1,4 @@
-"""The BAGEL attention rule from metadata vs a brute-force reading of specs/bagel.md §2.4, and the two
+"""The BAGEL attention rule from metadata vs a brute-force reading of ByteDance-Seed/Bagel `data/data_utils.py`, and the two
 attention implementations (dense, chunked) against each other and a numpy softmax reference."""
 
 import jax

@@ -17,7 +17,7 @@ from PIL import Image
 from sgt_jax import errors
 from sgt_jax.data import sources
 from sgt_jax.data.records import BadSample
-from sgt_jax.main import ModeArgs
+from sgt_jax.mode_args import ModeArgs
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

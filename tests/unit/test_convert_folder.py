@@ -18,7 +18,8 @@ from safetensors import safe_open
 from sgt_jax.checkpoint import convert, folder as folder_lib, safetensors_io, store
 from sgt_jax.checkpoint.table import ConversionError
 from sgt_jax.configs_util import load_config
-from sgt_jax.main import ModeArgs
+from sgt_jax.mode_args import ModeArgs
+from sgt_jax.models.bagel import abstract_params
 from tests.fixtures.bagel_folder import (BF16, ema_key_shapes, flux_ae_key_shapes, sincos_bf16, write_bagel_folder,
                                          write_random)
 
@@ -184,7 +185,7 @@ def test_restored_import_runs_like_the_state_dict(roundtrip, config):
 
     src, run, _ = roundtrip
     m = config.model
-    restored = store.load_params(run, convert.abstract_params(m, make_mesh(config.mesh), logical_rules(config)))
+    restored = store.load_params(run, abstract_params(m, mesh=make_mesh(config.mesh), rules=logical_rules(config)))
     with safe_open(os.path.join(src, "ema.safetensors"), "numpy") as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}
     with safe_open(os.path.join(src, "ae.safetensors"), "numpy") as f:

@@ -9,6 +9,8 @@ from safetensors import safe_open
 from sgt_jax.checkpoint import convert, safetensors_io
 from sgt_jax.checkpoint.table import flatten_paths
 from sgt_jax.configs_util import load_config
+from sgt_jax.models.bagel import abstract_params
+from sgt_jax.parallel.mesh import logical_rules, make_mesh
 from tests.fixtures.bagel_folder import write_bagel_folder
 
 
@@ -53,7 +55,7 @@ def test_sharded_import_reads_slices_and_round_trips(tmp_path, monkeypatch):
     from sgt_jax.checkpoint import streaming
     from sgt_jax.checkpoint.table import get_path
 
-    abstract = convert.abstract_params(cfg_model, *convert._mesh_and_rules(config))
+    abstract = abstract_params(cfg_model, mesh=make_mesh(config.mesh), rules=logical_rules(config))
     with safetensors_io.SliceReader(os.path.join(src, "ema.safetensors")) as reader:
         for e in convert.bagel_table(cfg_model):
             if e.path[-1] not in ("embedding", "kernel"):

@@ -84,21 +84,6 @@ def test_slice_mapping_equals_full_conversion():
         np.testing.assert_array_equal(back, sd[e.torch_keys()[0]])
 
 
-def test_vit_table_agrees_with_vision_tables(tiny):
-    """Our streaming ViT rows and the vision engineer's in-memory converter give identical trees."""
-    from sgt_jax.checkpoint.vit_table import vit_table
-    from sgt_jax.checkpoint.table import state_dict_to_tree
-
-    shapes = {k: s for k, s in ema_key_shapes(tiny).items() if k.startswith("vit_model.")}
-    sd = _random_sd(shapes, seed=2)
-    ours = state_dict_to_tree(vit_table(tiny), sd)["vit"]
-    theirs = vision_tables.vit_state_dict_to_params(sd, tiny.vit)
-    a, b = flatten_paths(ours), flatten_paths(theirs)
-    assert set(a) == set(b)
-    for k in a:
-        np.testing.assert_array_equal(np.asarray(a[k], np.float32), np.asarray(b[k], np.float32), err_msg=str(k))
-
-
 def test_in_memory_round_trip_is_bit_identical(tiny):
     sd = _random_sd(ema_key_shapes(tiny), seed=3)
     params = convert.bagel_state_dict_to_params(sd, tiny)

@@ -14,7 +14,8 @@ from pycocotools import mask as mask_utils
 from sgt_jax.data import prepare, sources
 from sgt_jax.data.records import BadSample
 from sgt_jax.data.sources.sa1b import check_rle, rle_runs
-from sgt_jax.main import ModeArgs
+from sgt_jax.mode_args import ModeArgs
+from sgt_jax.train import prepare_latents
 
 
 def _photo(h, w):
@@ -242,7 +243,7 @@ def test_prepare_fails_when_a_family_writes_nothing(tmp_path, tiny_config):
     cfg.data.sources.vqa.kind, cfg.data.latents = "none", "online"
     out = tmp_path / "prep"
     with pytest.raises(prepare.PrepareError) as e:
-        prepare.run(cfg, ModeArgs(workdir=str(out), source=str(root)))
+        prepare_latents.run(cfg, ModeArgs(workdir=str(out), source=str(root)))
     msg = str(e.value)
     assert "\n" not in msg and "seg (sam_sgt) wrote 0 of 3" in msg and "missing_mask 3" in msg
     rep = json.loads((out / prepare.REPORT_NAME).read_text())  # the report is written all the same

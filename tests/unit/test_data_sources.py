@@ -217,7 +217,7 @@ def test_llava(tmp_path, fmt):
 
 
 def test_prepared_roundtrip_and_grain(sam_tree, tmp_path):
-    grain = pytest.importorskip("grain")
+    import grain
     root, _ = sam_tree
     src = sources.SamSgtFolderSource(str(root), "list.txt")
     rep = prepare_family(src, str(tmp_path / "prep"), "seg", "segmentation", records_per_shard=1, progress=False)

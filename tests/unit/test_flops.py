@@ -88,7 +88,7 @@ def test_vae_encoder_hand_count(model):
 
 def test_7b_expert_params_match_spec():
     m = load_config("configs/bagel_sgt.py:7b").model
-    # specs/bagel.md §4.3: 233,058,048 per expert layer incl. q/k/v biases (3584+512+512),
+    # the `ema.safetensors` of `ByteDance-Seed/BAGEL-7B-MoT`: 233,058,048 per expert layer incl. q/k/v biases (3584+512+512),
     # q/k norms (2x128) and the two RMSNorms (2x3584) -> matmul weights = 233,046,016
     assert F.llm_layer_matmul_params(m.llm) == 233_058_048 - (3584 + 512 + 512 + 256 + 7168)
     act = F.active_params(m)
@@ -156,11 +156,11 @@ def test_loop_peak_flops_uses_device_kind_table(monkeypatch):
     from sgt_jax.train import flops as flops_lib
     from sgt_jax.train import loop
 
-    config = types.SimpleNamespace(train={"peak_flops": 0})
+    config = types.SimpleNamespace(train=types.SimpleNamespace(peak_flops=0.0))
     for kind, chip in (("TPU v5", "v5p"), ("TPU v6 lite", "v6e"), ("TPU v5 lite", "v5e"), ("TPU v4", "v4")):
         monkeypatch.setattr(jax, "devices", lambda kind=kind: [types.SimpleNamespace(device_kind=kind)])
         assert loop._peak_flops(config) == flops_lib.chip(chip).peak_bf16_flops
     monkeypatch.setattr(jax, "devices", lambda: [types.SimpleNamespace(device_kind="cpu")])
     assert loop._peak_flops(config) is None
-    config = types.SimpleNamespace(train={"peak_flops": 1e12})
+    config = types.SimpleNamespace(train=types.SimpleNamespace(peak_flops=1e12))
     assert loop._peak_flops(config) == 1e12

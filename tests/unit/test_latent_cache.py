@@ -7,12 +7,12 @@ import os
 import numpy as np
 import pytest
 
-flax_nnx = pytest.importorskip("flax.nnx")
+from flax import nnx as flax_nnx
 
-from sgt_jax.data.latent_cache import INDEX_NAME, LatentCache, cache_latents, make_encoder  # noqa: E402
-from sgt_jax.data.pipeline import default_sources, make_train_iterator  # noqa: E402
-from sgt_jax.data.records import BadSample  # noqa: E402
-from sgt_jax.models.flux_vae import FluxVAE  # noqa: E402
+from sgt_jax.data.latent_cache import INDEX_NAME, LatentCache, cache_latents
+from sgt_jax.data.pipeline import default_sources, make_train_iterator
+from sgt_jax.data.records import BadSample
+from sgt_jax.models.flux_vae import FluxVAE, make_stats_encoder
 
 ATOL = 1e-5  # fp32, same encoder, same pixels: only op-order differences between batch shapes
 
@@ -43,7 +43,8 @@ def built(tmp_path_factory):
     vae = flax_nnx.merge(graphdef, state)
     path = str(tmp_path_factory.mktemp("latents"))
     src = default_sources(cfg)["seg"]
-    report = cache_latents(cfg, path, vae=vae, source=src, batch_size=4, records_per_shard=4)
+    report = cache_latents(cfg, path, encode=make_stats_encoder(vae, cfg.model.latent_patch_size), source=src,
+                           batch_size=4, records_per_shard=4)
     assert report["written"] == len(src) == 8 and report["shards"] == 2
     return vae, path
 
@@ -54,7 +55,7 @@ def test_cached_and_online_latents_agree(built):
     online = make_train_iterator(cfg)
     cfg.data.latents, cfg.data.latent_cache = "cached", path
     cached = make_train_iterator(cfg)
-    encode = make_encoder(vae, cfg.model.latent_patch_size)
+    encode = make_stats_encoder(vae, cfg.model.latent_patch_size)
     bo, bc = next(online), next(cached)
     for k in ("tokens", "kind", "latent_pos", "latent_image", "latent_target"):
         np.testing.assert_array_equal(bo[k], bc[k], err_msg=k)
@@ -78,7 +79,8 @@ def test_cache_checks_settings_keys_and_overwrite(built):
     vae, path = built
     cfg = _square_world()
     with pytest.raises(FileExistsError):
-        cache_latents(cfg, path, vae=vae, source=default_sources(cfg)["seg"])
+        cache_latents(cfg, path, encode=make_stats_encoder(vae, cfg.model.latent_patch_size),
+                      source=default_sources(cfg)["seg"])
     cfg.data.transforms.vae = (64, 16, 4)
     with pytest.raises(ValueError, match="built for other settings"):
         LatentCache(path, cfg)
@@ -97,8 +99,7 @@ def test_load_vae_from_a_bagel_folder(built, tmp_path):
     from flax import nnx
     from safetensors.numpy import save_file
 
-    from sgt_jax.checkpoint.convert import params_to_vae_state_dict
-    from sgt_jax.data.latent_cache import load_vae
+    from sgt_jax.checkpoint.convert import load_vae, params_to_vae_state_dict
 
     vae, _ = built
     cfg = _square_world()
@@ -106,13 +107,27 @@ def test_load_vae_from_a_bagel_folder(built, tmp_path):
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in
                params_to_vae_state_dict(params, cfg.model.vae).items()}, str(tmp_path / "ae.safetensors"))
     cfg.checkpoint.init_from = str(tmp_path)
-    loaded = load_vae(cfg)
+    loaded = load_vae(cfg.checkpoint.init_from, cfg.model.vae)
     import jax
 
     got = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
     assert jax.tree.structure(got) == jax.tree.structure(params)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(params)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    cfg.checkpoint.init_from = str(tmp_path / "missing")
     with pytest.raises(FileNotFoundError, match="ae.safetensors"):
-        load_vae(cfg)
+        load_vae(str(tmp_path / "missing"), cfg.model.vae)
+
+
+@pytest.mark.multidevice
+def test_encoder_is_data_parallel_over_devices(built):
+    """make_stats_encoder splits the batch over the given devices (3 images padded to 8 rows): the statistics equal
+    those of one device."""
+    import jax
+
+    vae, _ = built
+    x = np.random.default_rng(1).uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32)
+    one = make_stats_encoder(vae, 2, devices=jax.devices()[:1])(x)
+    eight = make_stats_encoder(vae, 2, devices=jax.devices()[:8])(x)
+    assert one[0].shape == eight[0].shape == (3, 16 * 16 // 4, 16)
+    for a, b in zip(one, eight):
+        np.testing.assert_allclose(b, a, atol=ATOL)

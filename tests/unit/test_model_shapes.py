@@ -8,7 +8,7 @@ from flax import nnx
 from sgt_jax.configs_util import load_config
 from sgt_jax.models import bagel as bagel_lib
 
-# specs/bagel.md §4.3: 14,607,260,128 parameters in ema.safetensors, of which the two sin-cos tables
+# the `ema.safetensors` of `ByteDance-Seed/BAGEL-7B-MoT`: 14,607,260,128 parameters in ema.safetensors, of which the two sin-cos tables
 # (recomputed here, not parameters) are 70²·3584 + 64²·3584.
 BAGEL_EMA_PARAMS = 14_607_260_128
 

@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from sgt_jax.data import prepare, sources
-from sgt_jax.main import ModeArgs
+from sgt_jax.mode_args import ModeArgs
+from sgt_jax.train import prepare_latents
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -64,12 +65,13 @@ def _config(tiny_config):
 def test_prepare_report_and_readback(tiny_config, raw_root, tmp_path):
     cfg = _config(tiny_config)
     out = tmp_path / "prep"
-    prepare.run(cfg, ModeArgs(workdir=str(out), source=str(raw_root)))
+    prepare_latents.run(cfg, ModeArgs(workdir=str(out), source=str(raw_root)))
     rep = json.loads((out / prepare.REPORT_NAME).read_text())
     seg, vqa = rep["families"]["seg"], rep["families"]["vqa"]
     assert (seg["read"], seg["written"], seg["skipped_total"]) == (5, 3, 2)
     assert {r: n for r, n in seg["skipped"].items() if n} == {"truncated_image": 1, "missing_mask": 1}
-    assert seg["shards"] == ["seg-00000-of-00002.array_record", "seg-00001-of-00002.array_record"]
+    # shard k = the good records among input records [2k, 2k+2): s3 and s4 are bad, so the last shard is empty
+    assert seg["shards"] == [f"seg-0000{k}-of-00003.array_record" for k in range(3)]
     assert (vqa["read"], vqa["written"]) == (3, 2) and vqa["skipped"]["empty_conversation"] == 1
     assert set(vqa["examples"]) == {"empty_conversation"}
     # read back through the config exactly as training would, equal to decoding the raw files
@@ -117,20 +119,70 @@ def test_prepare_cli(tmp_path):
     assert rep["families"]["seg"]["written"] == 4 and rep["families"]["vqa"]["written"] == 4
 
 
-def test_prepare_calls_latent_cache_when_cached(tiny_config, tmp_path, monkeypatch):
-    """latents == "cached": prepare hands the fresh shards to D2's cache_latents(config, workdir)."""
-    latent_cache = pytest.importorskip("sgt_jax.data.latent_cache")
-    calls = []
+def _random_vae_folder(cfg, folder):
+    """``folder``/ae.safetensors with a random tiny VAE (N(0, 0.1) weights from numpy)."""
+    import jax
+    from flax import nnx
+    from safetensors.numpy import save_file
 
-    def fake(config, workdir):
-        calls.append(sorted(f for f in os.listdir(workdir) if f.endswith(".array_record")))
-        return {"written": 3}
+    from sgt_jax.checkpoint.convert import params_to_vae_state_dict
+    from sgt_jax.models.flux_vae import FluxVAE
 
-    monkeypatch.setattr(latent_cache, "cache_latents", fake)
-    cfg = tiny_config
-    cfg.data.sources.synthetic.num_samples = 3
-    cfg.data.sources.vqa.kind = "none"
+    with nnx.use_eager_sharding(False):
+        abstract = nnx.eval_shape(lambda: FluxVAE(cfg.model.vae, rngs=nnx.Rngs(0)))
+    _, state = nnx.split(abstract)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: (0.1 * rng.standard_normal(s.shape)).astype(np.float32),
+                          nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in params_to_vae_state_dict(params, cfg.model.vae).items()},
+              os.path.join(folder, "ae.safetensors"))
+
+
+def _outputs(folder):
+    """Every output file's bytes (the per-shard part files aside) and the report without run-dependent fields."""
+    files = {f: (folder / f).read_bytes() for f in sorted(os.listdir(folder))
+             if ".part-" not in f and f != prepare.REPORT_NAME}
+    rep = json.loads((folder / prepare.REPORT_NAME).read_text())
+    for fam in rep["families"].values():
+        fam.pop("seconds")
+    for k in ("workdir", "shards"):
+        rep.pop(k)
+    return files, rep
+
+
+@pytest.mark.slow
+def test_two_shards_then_merge_equal_one_process(tiny_config, raw_root, tmp_path):
+    """prepare.shard=0/2 and 1/2 (separate machines) + the merge -> the same shards, latent cache (VAE
+    statistics), index and report counts as one process; "merge" alone rebuilds the same report and index."""
+    cfg = _config(tiny_config)
     cfg.data.latents = "cached"
-    rep = prepare.prepare(cfg, str(tmp_path / "p"))
-    assert calls == [["seg-00000-of-00001.array_record"]] and rep["latents"] == {"written": 3}
-    assert json.loads((tmp_path / "p" / prepare.REPORT_NAME).read_text())["latents"] == {"written": 3}
+    _random_vae_folder(cfg, str(tmp_path / "bagel"))
+    cfg.checkpoint.init_from = str(tmp_path / "bagel")
+    one, two = tmp_path / "one", tmp_path / "two"
+    prepare_latents.prepare_all(cfg, str(one), str(raw_root))
+    cfg.prepare.shard = "0/2"
+    part = prepare_latents.prepare_all(cfg, str(two), str(raw_root))
+    assert part["shard"] == [0, 2] and not (two / prepare.REPORT_NAME).exists()  # 1/2 has not run yet
+    assert sorted(part["families"]["seg"]["blocks"]) == ["0", "2"]  # records 0-1 and 4 (s4 has no mask)
+    assert (part["families"]["seg"]["read"], part["families"]["seg"]["written"]) == (3, 2)  # this shard's counts
+    cfg.prepare.shard = "1/2"
+    prepare_latents.prepare_all(cfg, str(two), str(raw_root))  # finds both parts: merges
+    files_one, rep_one = _outputs(one)
+    files_two, rep_two = _outputs(two)
+    assert sorted(files_one) == sorted(files_two)
+    assert {"latents_index.json", "latents-00000-of-00003.array_record", "seg-00002-of-00003.array_record",
+            "vqa-00001-of-00002.array_record"} <= set(files_one)
+    for name in files_one:
+        assert files_one[name] == files_two[name], name
+    assert rep_one == rep_two and rep_one["latents"]["written"] == 3
+    assert rep_one["families"]["seg"]["written"] == 3 and rep_one["families"]["seg"]["skipped_total"] == 2
+    # the merge alone, from the parts
+    for name in (prepare.REPORT_NAME, "latents_index.json"):
+        os.remove(two / name)
+    cfg.prepare.shard = "merge"
+    prepare.prepare(cfg, str(two))
+    assert _outputs(two) == (files_one, rep_one)
+    cfg.prepare.shard = "2/2"
+    with pytest.raises(ValueError, match="0 <= i < n"):
+        prepare.prepare(cfg, str(tmp_path / "bad"), str(raw_root))

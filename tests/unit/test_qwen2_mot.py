@@ -114,7 +114,12 @@ def test_sincos_matches_float64_table_layout():
     grid, dim = 5, 16
     table = posemb.sincos_2d_table_np(grid, dim)
     ids = jnp.arange(grid * grid)
-    np.testing.assert_allclose(np.asarray(posemb.sincos_2d(ids, grid, dim)), table, atol=1e-6)
+    # exactly the float64 table rounded once: to fp32 (the official trainer) or bf16 (a BAGEL folder's copies)
+    np.testing.assert_array_equal(np.asarray(posemb.sincos_2d(ids, grid, dim)), table.astype(np.float32))
+    bf16 = posemb.sincos_2d(ids.reshape(5, 5), grid, dim, jnp.bfloat16)
+    assert bf16.dtype == jnp.bfloat16 and bf16.shape == (5, 5, dim)
+    np.testing.assert_array_equal(np.asarray(bf16, np.float32).reshape(-1, dim),
+                                  table.astype(np.float32).astype(jnp.bfloat16).astype(np.float32))
     r, c = 2, 3  # column in the first half, sin before cos inside each half
     omega = 1.0 / 10000 ** (np.arange(4) / 4.0)
     np.testing.assert_allclose(table[r * grid + c, :4], np.sin(c * omega))

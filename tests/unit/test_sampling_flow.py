@@ -1,4 +1,4 @@
-"""CFG renorm, schedule and interval vs numpy references written from specs/bagel.md §3.3–3.4."""
+"""CFG renorm, schedule and interval vs numpy references written from ByteDance-Seed/Bagel `modeling/bagel/bagel.py` `generate_image`."""
 
 import numpy as np
 import pytest

@@ -16,7 +16,7 @@ VLM = ImageTransform(980, 378, 14, max_pixels=2_007_040)
     (SGT_VIT, (1000, 1000), (224, 224)),
     # upscaled by min: 373x224 -> 378x224; long side capped: 224 x round(132.7)=133 -> 133/14=9.5 -> 10 -> 140
     (SGT_VIT, (100, 60), (224, 140)),
-    # VAE: 2250x1500 -> scale 1024/2250 -> 1024x682.7 -> 688 (sgt_recipe §1.2: 64x43 latent tokens)
+    # VAE: 2250x1500 -> scale 1024/2250 -> 1024x682.7 -> 688 (song2yu/SGT `BAGEL/data/sam_190k.py`: 64x43 latent tokens)
     (VAE, (2250, 1500), (1024, 688)),
     (VAE, (640, 480), (688, 512)),  # min side 512 wins: 682.7 -> 688
     (VLM, (640, 480), (644, 476)),  # 640/14=45.7 -> 46*14; 480/14=34.3 -> 34*14
@@ -91,7 +91,7 @@ def test_transforms_from_config(tiny_config):
 
 
 def test_patchify_matches_the_vit_module_helper():
-    siglip = pytest.importorskip("sgt_jax.models.siglip_navit")
+    from sgt_jax.models import siglip_navit as siglip
     img = np.random.default_rng(0).uniform(-1, 1, (42, 28, 3)).astype(np.float32)
     ours, pos = patchify(img, 14, 70)
     theirs, tpos = siglip.patchify(img, 14, 70)

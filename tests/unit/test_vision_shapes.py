@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sgt_jax.checkpoint import vision_tables as vt
+from sgt_jax.checkpoint import vision_tables as vt, vit_table
 from sgt_jax.configs_util import load_config
 from sgt_jax.models.flux_vae import FluxVAE, patchify_latent, unpatchify_latent
 from sgt_jax.models.siglip_navit import SiglipNaViT, image_attention, patchify
@@ -52,7 +52,7 @@ def _build(cls, c, **kw):
     merging numpy weights avoids eager per-parameter init (slow on the shared 2-core CI machine)."""
     abstract = _abstract(cls, c, **kw)
     if cls is SiglipNaViT:
-        params = vt.vit_state_dict_to_params(_random_sd(vt.vit_torch_shapes(c)), c)
+        params = vit_table.vit_state_dict_to_params(_random_sd(vit_table.vit_torch_shapes(c)), c)
     else:
         params = vt.vae_state_dict_to_params(_random_sd(vt.vae_torch_shapes(c)), c)
     graphdef, state, rest = nnx.split(abstract, nnx.Param, ...)
@@ -81,10 +81,10 @@ def test_tables_match_param_tree(cfg, which):
     pure = nnx.state(m, nnx.Param).to_pure_dict()
     rng = np.random.default_rng(0)
     if which == "vit":
-        sd = {k: rng.normal(size=s).astype(np.float32) for k, s in vt.vit_torch_shapes(cfg.vit).items()}
+        sd = {k: rng.normal(size=s).astype(np.float32) for k, s in vit_table.vit_torch_shapes(cfg.vit).items()}
         sd["language_model.model.norm.weight"] = np.ones(3, np.float32)  # other parts' keys are ignored
-        params = vt.vit_state_dict_to_params(sd, cfg.vit)
-        back = vt.params_to_vit_state_dict(params, cfg.vit)
+        params = vit_table.vit_state_dict_to_params(sd, cfg.vit)
+        back = vit_table.params_to_vit_state_dict(params, cfg.vit)
         sd.pop("language_model.model.norm.weight")
     else:
         sd = {k: rng.normal(size=s).astype(np.float32) for k, s in vt.vae_torch_shapes(cfg.vae).items()}
@@ -98,8 +98,8 @@ def test_tables_match_param_tree(cfg, which):
 
 
 def test_7b_tables_match_spec_counts(cfg7b):
-    """specs/bagel.md §4.3/§4.4: ViT 402,552,736 params (26 layers); ae.safetensors 244 tensors, 83,819,683."""
-    vit = vt.vit_torch_shapes(cfg7b.vit)
+    """the `ema.safetensors` of `ByteDance-Seed/BAGEL-7B-MoT`: ViT 402,552,736 params (26 layers); ae.safetensors 244 tensors, 83,819,683."""
+    vit = vit_table.vit_torch_shapes(cfg7b.vit)
     assert sum(math.prod(s) for s in vit.values()) == 402_552_736
     assert vit["vit_model.vision_model.embeddings.patch_embedding.weight"] == (1152, 588)
     assert vit["vit_model.vision_model.embeddings.position_embedding.weight"] == (4900, 1152)
@@ -123,10 +123,10 @@ def test_tables_report_every_problem(cfg):
     for needle in ("2 missing", "encoder.conv_in.weight", "decoder.norm_out.bias", "1 unexpected",
                    "encoder.quant_conv.weight", "1 mis-shaped", "decoder.conv_out.weight: got (3, 32, 1, 1)"):
         assert needle in msg, (needle, msg)
-    sd = {k: np.zeros(s, np.float32) for k, s in vt.vit_torch_shapes(cfg.vit).items()}
+    sd = {k: np.zeros(s, np.float32) for k, s in vit_table.vit_torch_shapes(cfg.vit).items()}
     del sd["vit_model.vision_model.encoder.layers.1.mlp.fc2.bias"]
     with pytest.raises(ValueError, match="layers.1.mlp.fc2.bias"):
-        vt.vit_state_dict_to_params(sd, cfg.vit)
+        vit_table.vit_state_dict_to_params(sd, cfg.vit)
     params = vt.vae_state_dict_to_params({k: np.zeros(s, np.float32) for k, s in vt.vae_torch_shapes(cfg.vae).items()},
                                          cfg.vae)
     del params["decoder"]["up"][1]["upsample"]

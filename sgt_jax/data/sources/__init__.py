@@ -31,15 +31,14 @@ __all__ = ["Source", "build_seg_source", "build_vqa_source", "SEG_KINDS", "VQA_K
 
 
 def _common(config, section) -> dict:
-    return dict(proxy_task=config.data.get("proxy_task", "segmentation"), seed=int(config.data.get("seed", 0)),
-                max_samples=int(section.get("max_samples", 0)),
-                mask_size_mismatch=str(config.data.get("mask_size_mismatch", "skip")))
+    return dict(proxy_task=config.data.proxy_task, seed=int(config.data.seed),
+                max_samples=int(section.max_samples), mask_size_mismatch=str(config.data.mask_size_mismatch))
 
 
 def build_seg_source(config, root_override: str | None = None) -> Source:
     """The segmentation-family source of ``config`` (``root_override`` replaces ``sources.seg.root``)."""
     s = config.data.sources.seg
-    task_of(config.data.get("proxy_task", "segmentation"))
+    task_of(config.data.proxy_task)
     kind, root = s.kind, root_override if root_override is not None else s.root
     kw = _common(config, s)
     if kind == "synthetic":
@@ -56,7 +55,7 @@ def build_seg_source(config, root_override: str | None = None) -> Source:
     if kind == "prepared":
         return PreparedSource(root, "seg", **kw)
     if kind == "tfds":
-        return TfdsSource(root, s.get("tfds_name", ""), s.get("split", "train"), "seg", **kw)
+        return TfdsSource(root, s.tfds_name, s.split, "seg", **kw)
     raise ValueError(f"config.data.sources.seg.kind={kind!r}; choose one of {SEG_KINDS}")
 
 
@@ -75,5 +74,5 @@ def build_vqa_source(config, root_override: str | None = None) -> Source | None:
     if kind == "prepared":
         return PreparedSource(root, "vqa", **kw)
     if kind == "tfds":
-        return TfdsSource(root, s.get("tfds_name", ""), s.get("split", "train"), "vqa", **kw)
+        return TfdsSource(root, s.tfds_name, s.split, "vqa", **kw)
     raise ValueError(f"config.data.sources.vqa.kind={kind!r}; choose one of {VQA_KINDS}")

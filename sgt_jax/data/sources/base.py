@@ -21,7 +21,7 @@ from sgt_jax.data.sources.common import check_mask_policy, decode_canonical
 class Source:
     """Base class: subclasses implement ``_num_items``, ``_get(j)`` (and ``canonical`` if their raw records
     are not canonical already). ``max_samples`` > 0 keeps a seeded random subset (not the first N lines,
-    sgt_recipe.md §6.1 item 5), in ascending index order."""
+    song2yu/SGT `BAGEL/data/sam_190k.py`, `BAGEL/data/dataset_info.py`), in ascending index order."""
 
     name = "source"
     family = "seg"  # "seg" or "vqa"

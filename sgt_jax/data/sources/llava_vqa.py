@@ -1,4 +1,4 @@
-"""VQA data in LLaVA(-OneVision) form (sgt_recipe.md §2.2): a JSON array (what ``download_ov.py`` writes,
+"""VQA data in LLaVA(-OneVision) form (song2yu/SGT `BAGEL/data/vlm_dataset.py`): a JSON array (what ``download_ov.py`` writes,
 ``all_data.json``) or JSONL (one object per line, what the BAGEL trainer reads); the format is detected from
 the first non-blank character ('[' = array).
 

@@ -16,12 +16,12 @@ import json
 import os
 
 import numpy as np
-from pycocotools import mask as mask_utils
 
 from sgt_jax.data import records, render
 from sgt_jax.data.records import BadSample
 from sgt_jax.data.sources.base import Source
 from sgt_jax.data.sources.common import decode_canonical, decode_rgb, encode_png, fit_mask, read_bytes
+from sgt_jax.extras import require
 
 
 def rle_runs(counts: bytes) -> np.ndarray:
@@ -66,6 +66,7 @@ def _rles(ann_bytes: bytes | None, key: str) -> list[dict]:
     empty_annotations (``annotations: []``: the target would be all black)."""
     if ann_bytes is None:
         raise BadSample("missing_mask", f"{key}: annotation JSON not found")
+    mask_utils = require("pycocotools.mask", "data")
     try:
         anns = json.loads(ann_bytes)["annotations"]
         if not isinstance(anns, list):
@@ -110,6 +111,7 @@ def render_rles(rles: list[dict], key: str, height: int, width: int, mask_size_m
                                          "(config.data.mask_size_mismatch='skip')")
     if not rles:
         return np.zeros((height, width, 3), np.uint8)
+    mask_utils = require("pycocotools.mask", "data")
     try:
         areas = mask_utils.area(rles)
         boxes = mask_utils.toBbox(rles)  # painting only inside each mask's box is ~15x cheaper than full-frame

@@ -1,10 +1,10 @@
-"""SAM-SGT as released (HF ``Two-hot/SAM-SGT``), in its two on-disk forms (sgt_recipe.md §2.1).
+"""SAM-SGT as released (HF ``Two-hot/SAM-SGT``), in its two on-disk forms (the HF dataset `Two-hot/SAM-SGT`; song2yu/SGT `BAGEL/data/dataset_info.py`).
 
 1. Extracted (what the reference loaders read): a list file, one image path per line,
    ``.../sam_selection/<name>.jpg``, absolute or relative to ``root``; the pre-rendered colour mask is
    ``.../sam_mask/<name>.png``: the sibling folder ``sam_mask`` of the image's folder, and the image file's
    STEM + ``.png``. (The reference replaces every "jpg" in the whole path, which breaks on paths that contain
-   "jpg" elsewhere; sgt_recipe.md §6.1 item 3.) Blank lines and lines starting with '#' are ignored.
+   "jpg" elsewhere; song2yu/SGT `BAGEL/data/sam_190k.py`, `BAGEL/data/dataset_info.py`.) Blank lines and lines starting with '#' are ignored.
 2. Tar shards (webdataset style, read directly without extraction): every ``*.tar`` under ``root`` (sorted).
    Members are grouped by their file STEM (basename without its last extension, the same rule as the
    extracted layout); a sample is a ``<name>.jpg`` (or .jpeg) with its ``<name>.png`` mask, wherever they sit

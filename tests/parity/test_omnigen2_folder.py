@@ -1,0 +1,150 @@
+"""OmniGen2 folder import/export: a tiny random folder in the released layout (tests/fixtures/
+omnigen2_folder.py: sharded bf16 transformer/, diffusers vae/, scheduler/, a transformers Qwen2.5-VL mllm/,
+processor/) -> sharded params -> folder, bit-identical tensor by tensor; the VAE through the FLUX VAE's
+diffusers-naming import; bad folders refused before any tensor is read.
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="needs the [torch] extra")
+pytest.importorskip("diffusers", reason="needs the [torch] extra")
+pytest.importorskip("transformers", reason="needs the [torch] extra")
+
+import jax  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from sgt_jax.checkpoint import omnigen2_folder as og2  # noqa: E402
+from sgt_jax.checkpoint import safetensors_io as sio  # noqa: E402
+from sgt_jax.checkpoint.omnigen2_table import dit_table  # noqa: E402
+from sgt_jax.checkpoint.table import expected_shapes, flatten_paths, state_dict_to_tree  # noqa: E402
+from tests.fixtures.omnigen2_folder import DIT_CONFIG, dit_key_shapes, write_omnigen2_folder  # noqa: E402
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return write_omnigen2_folder(str(tmp_path_factory.mktemp("og2") / "src"), shards=2)
+
+
+def _read_all(path):
+    with safe_open(path, framework="numpy") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, {k: v.dtype for k, v in sio.read_header(path).items()}
+
+
+def _dir_tensors(d):
+    tensors, dtypes = {}, {}
+    for name in sorted(os.listdir(d)):
+        if name.endswith(".safetensors"):
+            t, dt = _read_all(os.path.join(d, name))
+            tensors.update({k: (name, v) for k, v in t.items()})
+            dtypes.update(dt)
+    return tensors, dtypes
+
+
+def test_fixture_keys_match_table(folder):
+    cfg = og2.open_folder(folder)[1]
+    assert expected_shapes(dit_table(cfg)) == dit_key_shapes(DIT_CONFIG)
+
+
+def test_import_export_round_trip_bit_identical(folder, tmp_path):
+    params, cfg_dit, cfg_vae, meta = og2.import_folder(folder)
+    # imported == the in-memory conversion of the same tensors
+    src, src_dtypes = _dir_tensors(os.path.join(folder, "transformer"))
+    want = state_dict_to_tree(dit_table(cfg_dit), {k: v[1] for k, v in src.items()})
+    for path, arr in flatten_paths(want).items():
+        got = params["transformer"]
+        for p in path:
+            got = got[p]
+        np.testing.assert_array_equal(np.asarray(got), arr)
+    dest = og2.export_folder(params, cfg_dit, cfg_vae, str(tmp_path / "out"), meta)
+    out, out_dtypes = _dir_tensors(os.path.join(dest, "transformer"))
+    assert sorted(out) == sorted(src) and out_dtypes == src_dtypes
+    for k, (fname, v) in src.items():
+        assert out[k][0] == fname, k  # same shard file
+        assert out[k][1].dtype == v.dtype and np.array_equal(out[k][1], v), k
+    idx = "transformer/diffusion_pytorch_model.safetensors.index.json"
+    assert json.load(open(os.path.join(dest, idx)))["weight_map"] == json.load(open(os.path.join(folder, idx)))["weight_map"]
+    assert json.load(open(os.path.join(dest, "transformer/config.json"))) == DIT_CONFIG
+    vsrc, vsrc_dt = _dir_tensors(os.path.join(folder, "vae"))
+    vout, vout_dt = _dir_tensors(os.path.join(dest, "vae"))
+    assert sorted(vsrc) == sorted(vout) and vsrc_dt == vout_dt
+    for k in vsrc:
+        assert np.array_equal(vsrc[k][1], vout[k][1]), k
+    for sub in ("scheduler/scheduler_config.json", "mllm/config.json", "processor/tokenizer.json", "model_index.json"):
+        assert os.path.isfile(os.path.join(dest, sub)), sub
+
+
+def test_vae_through_the_flux_vae_import(folder):
+    """vae/ (diffusers naming) lands in the FLUX VAE's tree exactly as the existing import converts the
+    diffusers model's own state dict (whose posterior equals diffusers: tests/parity/test_flux_vae.py);
+    the architecture, scale and shift come from vae/config.json."""
+    from diffusers import AutoencoderKL
+
+    from sgt_jax.checkpoint.vision_tables import vae_state_dict_to_params
+
+    params, _, cfg_vae, _ = og2.import_folder(folder)
+    hf = AutoencoderKL.from_pretrained(os.path.join(folder, "vae"))
+    want = vae_state_dict_to_params({k: v.numpy() for k, v in hf.state_dict().items()}, cfg_vae)
+    got = flatten_paths(jax.tree.map(np.asarray, params["vae"]))
+    assert sorted(got) == sorted(flatten_paths(want))
+    for path, arr in flatten_paths(want).items():
+        np.testing.assert_array_equal(got[path], arr)
+    assert (cfg_vae.ch, tuple(cfg_vae.ch_mult), cfg_vae.num_res_blocks, cfg_vae.num_groups) == (16, (1, 2, 2), 1, 8)
+    assert (cfg_vae.scale_factor, cfg_vae.shift_factor) == (0.3611, 0.1159)
+
+
+def _no_reads(monkeypatch):
+    def fail(*a, **k):
+        raise AssertionError("a tensor was read")
+
+    monkeypatch.setattr(sio.SliceReader, "read", fail)
+
+
+def _copy(folder, tmp_path):
+    dst = str(tmp_path / "bad")
+    shutil.copytree(folder, dst)
+    return dst
+
+
+@pytest.mark.parametrize("sub", ["transformer", "vae", "mllm", "scheduler"])
+def test_missing_subfolder_refused(folder, tmp_path, monkeypatch, sub):
+    bad = _copy(folder, tmp_path)
+    shutil.rmtree(os.path.join(bad, sub))
+    _no_reads(monkeypatch)
+    with pytest.raises(og2.FolderError, match=f"missing subfolder: {sub}/"):
+        og2.import_folder(bad)
+
+
+def test_config_disagreeing_with_tensors_refused(folder, tmp_path, monkeypatch):
+    bad = _copy(folder, tmp_path)
+    cfg = dict(DIT_CONFIG, num_kv_heads=4, num_layers=3)
+    json.dump(cfg, open(os.path.join(bad, "transformer/config.json"), "w"))
+    vcfg = json.load(open(os.path.join(bad, "vae/config.json")))
+    vcfg["latent_channels"] = 8
+    json.dump(vcfg, open(os.path.join(bad, "vae/config.json"), "w"))
+    _no_reads(monkeypatch)
+    with pytest.raises(og2.FolderError) as err:
+        og2.import_folder(bad)
+    msg = str(err.value)
+    assert "wrong shape in transformer/ (vs its config.json): layers.0.attn.to_k.weight is [24, 48], expected [48, 48]" in msg
+    assert "missing in transformer/ (vs its config.json): layers.2.attn.to_q.weight" in msg
+    assert "vae/config.json gives z_channels=8, the tensors have 16" in msg
+
+
+def test_cli_import_recognises_the_family(folder, tmp_path):
+    from types import SimpleNamespace
+
+    from sgt_jax.checkpoint import convert, store
+
+    assert og2.is_omnigen2_folder(folder)
+    work = str(tmp_path / "work")
+    convert.run_import(None, SimpleNamespace(source=folder, workdir=work))
+    meta = store.read_params_meta(work)
+    assert meta["family"] == "omnigen2" and "not imported" in meta["mllm"]
+    convert.run_export(None, SimpleNamespace(workdir=work, dest=str(tmp_path / "out"), step=None, weights="ema"))
+    a, _ = _dir_tensors(os.path.join(folder, "transformer"))
+    b, _ = _dir_tensors(str(tmp_path / "out" / "transformer"))
+    assert all(np.array_equal(a[k][1], b[k][1]) for k in a)

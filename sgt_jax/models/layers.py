@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Initializer = Callable[..., jax.Array]
 
@@ -173,7 +174,9 @@ class SwiGLU(nnx.Module):
         self.down_proj = Dense(intermediate, hidden, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        # tagged for the remat policies that save or offload the MLP inputs (sgt_jax/models/remat.py)
+        gate, up = (checkpoint_name(y, "mlp_in") for y in (self.gate_proj(x), self.up_proj(x)))
+        hidden = jax.nn.silu(gate) * up
         if hidden.ndim == 3:
             hidden = constrain(hidden, ("batch", "seq", "act_mlp"))
         return self.down_proj(hidden)

@@ -59,14 +59,20 @@ def run_case(case: str, args) -> dict:
     return rep
 
 
+def _tried(t: dict, chosen) -> str:
+    if t["policy"] == chosen:
+        return f"**{t['policy']}**"
+    return f"{t['policy']} ({'OOM' if 'total_bytes' not in t else format(t['hbm_fraction'], '.0%')})"
+
+
 def table(rows: list[tuple[str, dict]]) -> str:
-    head = ("| case | chips (hosts) | tokens/chip | args GiB | temp GiB | out-alias GiB | total GiB / HBM GiB | "
-            "fits | analytic TFLOP/step | traced/analytic (every block) | executed/analytic (live blocks) | "
-            "compile s |\n|" + "---|" * 12)
+    head = ("| case | chips (hosts) | tokens/chip | micro-batches | remat | args GiB | temp GiB | out-alias GiB | "
+            "total GiB / HBM GiB | fits | analytic TFLOP/step | traced/analytic (every block) | "
+            "executed/analytic (live blocks) | compile s |\n|" + "---|" * 14)
     lines = [head]
     for case, r in rows:
         if "error" in r:
-            lines.append(f"| `{case}` | | | | | | | error: {r['error']} | | | | |")
+            lines.append(f"| `{case}` | | | | | | | | | error: {r['error']} | | | | |")
             continue
         if "total_bytes" in r:
             mem = (f"{gib(r['argument_bytes'])} | {gib(r['temp_bytes'])} | "
@@ -76,10 +82,16 @@ def table(rows: list[tuple[str, dict]]) -> str:
             mem = f"– | {need.group(1) if need else '–'} (compiler) | – | OOM / {gib(r['hbm_bytes'])}"
         executed = (f"{r['executed_over_analytic']:.2f} ({r['attention_live_fraction']:.0%} live)"
                     if "executed_over_analytic" in r else "–")
+        remat = r.get("remat_policy", "")
+        if "remat_search" in r:  # every policy tried, the chosen one in bold
+            remat = " → ".join(_tried(t, r.get("chosen")) for t in r["remat_search"])
+        fits = "**yes**" if r["fits"] and r.get("chosen", True) else ("yes, < headroom" if r["fits"] else "no")
+        flops = f"{r['analytic_flops'] / 1e12:.0f} | {r['traced_over_analytic']:.2f}" if "analytic_flops" in r \
+            else "– | –"
         lines.append(
-            f"| `{case}` | {r['num_chips'] * r['num_slices']} ({r['hosts']}) | {r['tokens_per_chip']:.0f} | {mem} | "
-            f"{'**yes**' if r['fits'] else 'no'} | {r['analytic_flops'] / 1e12:.0f} | "
-            f"{r['traced_over_analytic']:.2f} | {executed} | {r.get('compile_s', 0):.0f} |")
+            f"| `{case}` | {r['num_chips'] * r['num_slices']} ({r['hosts']}) | {r['tokens_per_chip']:.0f} | "
+            f"{r.get('microbatches', 1)} | {remat} | {mem} | {fits} | {flops} | {executed} | "
+            f"{r.get('compile_s', 0):.0f} |")
     return "\n".join(lines)
 
 

@@ -64,12 +64,16 @@ def _model_7b():
     m.dtype = "bfloat16"  # compute dtype
     m.param_dtype = "float32"  # master weights
     m.scan_layers = True
-    m.remat_policy = "full"  # none | full | dots | dots_no_batch | qkv_out (sgt_jax/models/remat.py)
-    m.attention_impl = "chunked"  # "dense" (tests, small packs) or "chunked" (memory-lean, long packs)
+    m.remat_policy = "full"  # sgt_jax/models/remat.py POLICIES; --config.compile.search_remat picks one
+    # "auto": the Pallas kernel on TPU, "chunked" elsewhere; "pallas", "chunked" (XLA, memory-lean),
+    # "dense" (tests, small packs): docs/model.md, docs/attention_kernel.md
+    m.attention_impl = "auto"
     m.attention_chunk = 1024  # query/key block of "chunked" attention (H200, 16k tokens: docs/model.md)
     # Sin-cos position tables: "float32" (the official trainer's values) or "bfloat16" (the copies in a BAGEL
     # folder, which the official inference code uses; on in the official evaluation presets)
     m.pos_table_dtype = "float32"
+    m.attention_block_q = 512  # query / key block of the Pallas kernel (TPU: multiples of 8 / 128)
+    m.attention_block_kv = 512
     m.freeze_und = False  # True: stop gradients at the und expert (reference freeze_und, ByteDance-Seed/Bagel `modeling/bagel/qwen2_navit.py`)
     return m
 
@@ -238,6 +242,17 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     c.train.ema_dtype = "float32"  # or "bfloat16" (halves EMA memory)
     c.train.ema_offload = False  # keep the EMA in pinned_host memory (error if the backend has none)
     c.train.max_consecutive_nonfinite = 5  # NaN/Inf loss or grad: update skipped; abort after this many in a row
+    # Gradient accumulation: each step's packs_per_batch packs run as K micro-batches of packs_per_batch / K
+    # (activation memory of one micro-batch), one update per step (sgt_jax/train/step.py).
+    c.train.microbatches = 1
+    # Host/device overlap (sgt_jax/train/loop.py): batches packed and put on the devices this many steps
+    # ahead on a background thread (0: in the main thread, before each step), a step's metrics read one
+    # step later, and the cross-process stop check every stop_check_every steps.
+    c.train.prefetch = 2
+    c.train.overlap = True
+    c.train.stop_check_every = 10
+    # (first, last) step of a jax.profiler trace written to <workdir>/profile; () = no trace.
+    c.train.profile_steps = ()
     c.train.tensorboard = True
     # Per-device peak FLOP/s for the MFU column (0: the TPU chip's bf16 peak from its device kind; none on CPU).
     c.train.peak_flops = 0.0
@@ -246,7 +261,8 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
         dict(vit=False, connector=False, und=False, gen=False, embeddings=False, lm_head=False))
     c.optim = ml_collections.ConfigDict(
         dict(lr=1e-4, warmup_steps=1000 if base == "7b" else 2, schedule="constant", min_lr=1e-7,
-             b1=0.9, b2=0.95, eps=1e-15, weight_decay=0.0, clip_norm=1.0)
+             b1=0.9, b2=0.95, eps=1e-15, weight_decay=0.0, clip_norm=1.0,
+             mu_dtype="float32")  # "bfloat16": Adam's first moment in bf16 (sgt_jax/train/optim.py)
     )
 
     # ---- mesh (sgt_jax/parallel) ----
@@ -309,7 +325,17 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     # skips the rest, and compile mode reports executed FLOPs with it (0: report only the upper bound,
     # every block computed). 7b: 0.3, above every batch measured by bench/attention_live_blocks.py at
     # chunk 1024 (0.20-0.28; bench/results/attention_blocks.md).
+    # The Pallas kernel (model.attention_impl "pallas"/"auto" on TPU) skips dead pairs of its own blocks;
+    # the same 0.3 bounds them (0.16-0.19 per batch at block 512). Its ViT use (image id as document)
+    # skips other images' blocks: vit_live_fraction, 0.55 above every batch measured at block 512
+    # (0.46 mean, 0.52 max).
     c.compile.attention_live_fraction = 0.3 if base == "7b" else 0.0
+    c.compile.vit_live_fraction = 0.55 if base == "7b" else 0.0
+    # Remat search: compile the policies of remat_candidates (() = sgt_jax/models/remat.py SEARCH_ORDER, the
+    # least recompute first) and report the first that leaves hbm_headroom of the HBM free.
+    c.compile.search_remat = False
+    c.compile.remat_candidates = ()
+    c.compile.hbm_headroom = 0.1
 
     # ---- generate / understand / segment / evaluate / analysis (sgt_jax/sampling, sgt_jax/eval) ----
     _inference(c, base)

@@ -171,12 +171,32 @@ def _sub_jaxprs(eqn):
                 yield item
 
 
+# the Pallas attention kernel's block-pair FLOPs (every pair; the executed share is the live fraction)
+KERNEL_KEYS = ("kernel_llm", "kernel_vit")
+
+
 def jaxpr_flops(jaxpr, multiplier: int = 1, acc: dict | None = None) -> dict[str, int]:
     """Matmul + conv FLOPs of a jaxpr, recursing into sub-jaxprs; a scan body counts ``length`` times,
     a ``cond`` counts its most expensive branch, a ``while`` body once (flagged in ``while_loops``)."""
-    acc = {"dot_general": 0, "conv": 0, "while_loops": 0, "cond_skippable": 0} if acc is None else acc
+    acc = {"dot_general": 0, "conv": 0, "while_loops": 0, "cond_skippable": 0, **{k: 0 for k in KERNEL_KEYS}} \
+        if acc is None else acc
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
+        if name == "pallas_call":
+            # A kernel's body is one block's program, not its work: count the cost estimate the kernel
+            # declares (the attention kernel: every block pair, sgt_jax/models/kernels/flash_bagel.py).
+            est = eqn.params.get("cost_estimate")
+            if est is None:
+                raise ValueError(f"pallas_call {eqn.params.get('name')!r} declares no cost_estimate; "
+                                 "its FLOPs cannot be counted")
+            key = "kernel_vit" if str(eqn.params.get("name", "")).startswith("vit_") else "kernel_llm"
+            acc["dot_general"] += multiplier * int(est.flops)
+            acc[key] += multiplier * int(est.flops)
+            continue
+        if name == "shard_map":  # the body sees one device's shard; every device of the mesh runs it
+            for sub in _sub_jaxprs(eqn):
+                jaxpr_flops(sub, multiplier * int(eqn.params["mesh"].size), acc)
+            continue
         if name == "dot_general":
             acc["dot_general"] += multiplier * _dot_flops(eqn)
         elif name == "conv_general_dilated":
@@ -201,13 +221,18 @@ def jaxpr_flops(jaxpr, multiplier: int = 1, acc: dict | None = None) -> dict[str
     return acc
 
 
+def traced_counts(fn: Callable, *args) -> dict[str, int]:
+    """``jaxpr_flops`` of ``fn(*args)``'s jaxpr (shapes only)."""
+    return jaxpr_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+
+
 def traced_flops(fn: Callable, *args, with_skippable: bool = False):
     """Global FLOPs (matmuls + convs) that ``fn(*args)`` executes, from its jaxpr (shapes only), every
-    ``cond`` at its most expensive branch (an upper bound). With ``with_skippable``, returns
-    ``(flops, skippable)``: the part of that bound that cheaper cond branches would not execute (the
-    chunked attention's dead key blocks, sgt_jax/models/attention.py)."""
-    closed = jax.make_jaxpr(fn)(*args)
-    counts = jaxpr_flops(closed.jaxpr)
+    ``cond`` at its most expensive branch and every Pallas attention kernel at all its block pairs (an
+    upper bound). With ``with_skippable``, returns ``(flops, skippable)``: the part of that bound that
+    cheaper cond branches would not execute (the chunked attention's dead key blocks,
+    sgt_jax/models/attention.py); the kernels' all-pairs share is in ``traced_counts``."""
+    counts = traced_counts(fn, *args)
     total = counts["dot_general"] + counts["conv"]
     return (total, counts["cond_skippable"]) if with_skippable else total
 
@@ -249,6 +274,9 @@ def compile_and_analyse(jitted, args: tuple, *, hbm_bytes: int, progress: Callab
     m = {f.replace("_size_in_bytes", "_bytes"): int(getattr(mem, f, 0) or 0) for f in fields}
     total = m["argument_bytes"] + m["output_bytes"] + m["temp_bytes"] - m["alias_bytes"] + \
         m["generated_code_bytes"]
+    # host (pinned_host) memory the program uses: offloaded remat residuals, an offloaded EMA
+    m["host_temp_bytes"] = int(getattr(mem, "host_temp_size_in_bytes", 0) or 0)
+    m["host_argument_bytes"] = int(getattr(mem, "host_argument_size_in_bytes", 0) or 0)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return {"fits": total <= hbm_bytes, **m, "total_bytes": total, "hbm_bytes": hbm_bytes,
@@ -265,7 +293,16 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [f"== compile {r['topology']} ({r['libtpu_topology']}, {r['num_chips']} chips"
              f"{' x %d slices' % r['num_slices'] if r['num_slices'] > 1 else ''}, {r['chip']}) =="]
     lines.append(f"packs/step {r['packs_per_step']}  tokens/pack {r['tokens_per_pack']}  "
-                 f"tokens/chip {r['tokens_per_chip']:.0f}  mesh {r['mesh']}")
+                 f"tokens/chip {r['tokens_per_chip']:.0f}  mesh {r['mesh']}  micro-batches "
+                 f"{r.get('microbatches', 1)}  remat {r.get('remat_policy')}  Adam mu {r.get('mu_dtype')}")
+    for row in r.get("remat_search", []):
+        lines.append(f"  remat search: {row['policy']:<20} " + (
+            f"{_gib(row['total_bytes'])} ({100 * row['hbm_fraction']:.1f}% of HBM"
+            + (f", host {_gib(row['host_temp_bytes'])}" if row.get("host_temp_bytes") else "") + ")"
+            if "total_bytes" in row else "compiler OOM") + (" <- chosen" if row["policy"] == r.get("chosen") else ""))
+    if "remat_search" in r and not r.get("chosen"):
+        lines.append(f"  remat search: no policy fits with {100 * r['hbm_headroom']:.0f}% HBM headroom; the "
+                     "last one tried is reported below")
     if r["fits"] and "total_bytes" in r:
         lines.append(f"HBM per chip: arguments {_gib(r['argument_bytes'])}, outputs {_gib(r['output_bytes'])}, "
                      f"temp {_gib(r['temp_bytes'])}, aliased {_gib(r['alias_bytes'])}, code "
@@ -310,10 +347,11 @@ def _build_train_step(config, mesh):
 
 
 def compile_config(config, *, devices=None, spec: TopologySpec | None = None, num_slices: int = 1,
-                   builder: Callable | None = None, progress: Callable[[str], None] = lambda m: None
-                   ) -> dict[str, Any]:
+                   builder: Callable | None = None, progress: Callable[[str], None] = lambda m: None,
+                   count_oom_flops: bool = True) -> dict[str, Any]:
     """Compile ``config``'s train step over ``devices`` and return the report dict; ``progress`` gets
-    one-line status messages (compile mode prints them)."""
+    one-line status messages (compile mode prints them). ``count_oom_flops=False`` skips the FLOP count of
+    a step that does not fit (the remat search)."""
     if spec is None:
         spec = parse_topology(config.compile.topology)
     if devices is None:
@@ -330,8 +368,11 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
               "mesh": dict(mesh.shape), "packs_per_step": packs, "tokens_per_pack": budgets.tokens,
               "tokens_per_chip": packs * budgets.tokens / n, "variant": config.variant,
               "pack_budgets": dataclasses.asdict(budgets), "remat_policy": str(config.model.remat_policy),
-              "ema_dtype": str(config.train.ema_dtype), "latents": str(config.data.latents)}
+              "ema_dtype": str(config.train.ema_dtype), "latents": str(config.data.latents),
+              "microbatches": int(config.train.microbatches), "mu_dtype": str(config.optim.mu_dtype)}
     report.update(compile_and_analyse(jitted, args, hbm_bytes=spec.chip.hbm_bytes, progress=progress))
+    if not report["fits"] and not count_oom_flops:
+        return report
     progress("counting the traced program's FLOPs")
     analytic = flops_lib.step_flops(config.model, budgets, packs=packs, frozen=flops_frozen_modules(config),
                                     vae_online=latents_online(config))
@@ -339,19 +380,61 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
     six_n = 6 * (act["llm_expert"] * budgets.tokens + act["lm_head"] * budgets.ce_labels +
                  (act["vit"] + act["connector"]) * budgets.vit_patches) * packs
     t0 = time.time()
-    traced, skippable = traced_flops(jitted, *args, with_skippable=True)
+    counts = traced_counts(jitted, *args)
+    traced, skippable = counts["dot_general"] + counts["conv"], counts["cond_skippable"]
+    kernels = {k: counts[k] for k in KERNEL_KEYS}
     report.update({"analytic_flops": analytic.total, "analytic_by_module": dict(analytic.by_module),
                    "remat_recompute_flops": analytic.remat_recompute_flops(), "six_n_tokens_flops": six_n,
                    "traced_flops": traced, "traced_over_analytic": traced / analytic.total,
                    "traced_over_analytic_plus_remat": traced / (analytic.total + analytic.remat_recompute_flops()),
-                   "skippable_flops": skippable, "trace_s": time.time() - t0})
-    live = float(config.compile.attention_live_fraction)
-    if not 0.0 <= live <= 1.0:
-        raise ValueError(f"config.compile.attention_live_fraction must be in [0, 1] (0: not given), got {live}")
-    if live:  # executed = bound minus the dead blocks' share of the skippable part
-        executed = traced - (1.0 - live) * skippable
+                   "skippable_flops": skippable, "kernel_flops": kernels, "trace_s": time.time() - t0})
+    live = _fraction(config, "attention_live_fraction")
+    vit_live = _fraction(config, "vit_live_fraction") if kernels["kernel_vit"] else 0.0
+    if live and (vit_live or not kernels["kernel_vit"]):
+        # executed = bound minus the dead blocks' share: of the chunked attention's skippable part and of
+        # the LLM kernel's pairs at the LLM live fraction, of the ViT kernel's pairs at the ViT's
+        executed = (traced - (1.0 - live) * (skippable + kernels["kernel_llm"])
+                    - (1.0 - vit_live) * kernels["kernel_vit"])
         report.update({"attention_live_fraction": live, "executed_flops": executed,
                        "executed_over_analytic": executed / analytic.total})
+        if kernels["kernel_vit"]:
+            report["vit_live_fraction"] = vit_live
+    return report
+
+
+def _fraction(config, field: str) -> float:
+    value = float(config.compile[field])
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"config.compile.{field} must be in [0, 1] (0: not given), got {value}")
+    return value
+
+
+def search_remat(config, *, headroom: float, candidates=None, **kw) -> dict[str, Any]:
+    """Compile ``config`` with each remat policy of ``candidates`` (default ``remat.SEARCH_ORDER``: least
+    recompute first) until one fits with ``headroom`` (a fraction of HBM) left; return its report with
+    ``remat_search`` (every policy tried: its HBM total or OOM) and ``chosen`` (None when none fits: the
+    report is then the last policy's). ``kw`` goes to ``compile_config``."""
+    from sgt_jax.models import remat as remat_lib  # noqa: PLC0415
+
+    if not 0.0 <= headroom < 1.0:
+        raise ValueError(f"config.compile.hbm_headroom must be in [0, 1), got {headroom}")
+    candidates = tuple(candidates or remat_lib.SEARCH_ORDER)
+    unknown = [c for c in candidates if c not in remat_lib.POLICIES]
+    if unknown or not candidates:
+        raise ValueError(f"config.compile.remat_candidates: unknown {unknown}; choose from {remat_lib.POLICIES}")
+    progress = kw.get("progress", lambda m: None)
+    tried, report = [], None
+    for policy in candidates:
+        config.model.remat_policy = policy
+        progress(f"remat search: {policy}")
+        report = compile_config(config, count_oom_flops=False, **kw)
+        row = {"policy": policy, "fits": report["fits"], "compile_s": report.get("compile_s")}
+        row.update({k: report[k] for k in ("total_bytes", "hbm_fraction", "host_temp_bytes") if k in report})
+        tried.append(row)
+        if report["fits"] and report["hbm_fraction"] <= 1.0 - headroom:
+            report.update(remat_search=tried, chosen=policy, hbm_headroom=headroom)
+            return report
+    report.update(remat_search=tried, chosen=None, hbm_headroom=headroom)
     return report
 
 
@@ -375,8 +458,12 @@ def run(config, args) -> int:
                          "v5litepod-64, v6e-64")
     jax.config.update("jax_platforms", "cpu")  # the host backend; TPU devices are abstract
     spec, num_slices = _apply_compile_overrides(config)
-    report = compile_config(config, spec=spec, num_slices=num_slices,
-                            progress=lambda m: print(f"[compile] {m}", flush=True))
+    kw = dict(spec=spec, num_slices=num_slices, progress=lambda m: print(f"[compile] {m}", flush=True))
+    if bool(config.compile.search_remat):
+        report = search_remat(config, headroom=float(config.compile.hbm_headroom),
+                              candidates=tuple(config.compile.remat_candidates or ()), **kw)
+    else:
+        report = compile_config(config, **kw)
     text = format_report(report)
     print(text, flush=True)
     os.makedirs(args.workdir, exist_ok=True)

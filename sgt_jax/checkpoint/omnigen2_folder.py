@@ -250,8 +250,10 @@ def import_folder(source: str, config=None, mesh=None, rules=None):
 
     from sgt_jax.checkpoint.convert import _jsonable, _mesh_and_rules
 
-    model = config.model if config is not None and "model" in config else {}
-    base_dit, base_vae, base_mllm = (model.get(k) for k in ("dit", "vae", "mllm"))
+    # An OmniGen2 run config may carry model.dit / model.vae / model.mllm (no such config file is in the
+    # repository yet).
+    model_cfg = config.model if config is not None and "model" in config else {}
+    base_dit, base_vae, base_mllm = (model_cfg[k] if k in model_cfg else None for k in ("dit", "vae", "mllm"))
     fold, cfg_dit, cfg_vae, cfg_mllm = open_folder(source, base_dit, base_vae, base_mllm)  # every problem first
     if mesh is None:
         from sgt_jax.checkpoint.convert import _default_config

@@ -126,7 +126,7 @@ def config_to_json(c, template: dict | None = None) -> dict:
     """Our DiT config -> ``transformer/config.json`` (the template's other fields kept)."""
     out = dict(template or {"_class_name": "OmniGen2Transformer2DModel"})
     for key in CONFIG_KEYS:
-        v = c.get(key)
+        v = c[key]
         if key == "out_channels" and key in out and out[key] is None and v == c.in_channels:
             continue  # null means "same as in_channels": keep the source's spelling
         out[key] = list(v) if isinstance(v, tuple) else v

@@ -26,14 +26,18 @@ Implementations (``model.attention_impl``):
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from sgt_jax.models.layers import kernel_sharding
 
 CAUSAL, FULL, NOISE = 0, 1, 2
-IMPLS = ("dense", "chunked")
+IMPLS = ("dense", "chunked", "pallas", "auto")
 _NEG = -1e30  # finite "minus infinity": fully masked rows never produce NaN
 
 
@@ -65,14 +69,18 @@ class TokenMeta(NamedTuple):
         return TokenMeta(*(jnp.concatenate([a, f], axis=1) for a, f in zip(self, (fill, fill, zero, zero))))
 
 
-def allowed(q: TokenMeta, k: TokenMeta) -> jax.Array:
-    """Boolean ``[B, Tq, Tk]``: may query i attend to key j (the §2.4 rule)."""
-    qd, qs, qm, qo = (a[:, :, None] for a in q)
-    kd, ks, km, ko = (a[:, None, :] for a in k)
+def rule(qd, qs, qm, qo, kd, ks, km, ko):
+    """The §2.4 rule on broadcastable query fields (doc, split, mode, order) and key fields: the one
+    definition that ``allowed`` and the Pallas kernel (sgt_jax/models/kernels) both evaluate."""
     same_split = qs == ks
     visible = (ko <= qo) | (same_split & (qm != CAUSAL))
     hidden_noise = (km == NOISE) & ~same_split
     return (qd >= 0) & (kd >= 0) & (qd == kd) & visible & ~hidden_noise
+
+
+def allowed(q: TokenMeta, k: TokenMeta) -> jax.Array:
+    """Boolean ``[B, Tq, Tk]``: may query i attend to key j (the §2.4 rule)."""
+    return rule(*(a[:, :, None] for a in q), *(a[:, None, :] for a in k))
 
 
 def _group(q: jax.Array, num_kv: int) -> jax.Array:
@@ -202,10 +210,70 @@ def live_block_fraction(q_meta: TokenMeta, k_meta: TokenMeta, *, chunk: int) -> 
     return live / (qa[0].shape[0] * nq * nk)
 
 
-def attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, impl: str, chunk: int = 512):
-    """Dispatch on ``model.attention_impl``; scale ``1/sqrt(head_dim)``; output in q's dtype."""
+def attention_blocks(model_cfg) -> tuple[int, int]:
+    """``(model.attention_block_q, model.attention_block_kv)`` of the Pallas kernel."""
+    blocks = (int(model_cfg.attention_block_q), int(model_cfg.attention_block_kv))
+    if min(blocks) <= 0:
+        raise ValueError(f"model.attention_block_q/attention_block_kv must be positive, got {blocks}")
+    return blocks
+
+
+def target_platform() -> str:
+    """The platform the traced program is for: the kernel mesh's devices (compile mode on a CPU host
+    targets abstract TPU devices) or else the default backend."""
+    ctx = kernel_sharding()
+    if ctx is not None:
+        return ctx[0].devices.flat[0].platform
+    return jax.default_backend()
+
+
+def resolve_impl(impl: str) -> str:
+    """``auto`` -> ``pallas`` on TPU where the kernel can run (under the train step's ``shard_map``, or on
+    a single device), else ``chunked``; other names unchanged (checked). A multi-device program outside
+    the train step (sharded inference) keeps ``chunked``: XLA does not partition a Mosaic kernel."""
+    if impl not in IMPLS:
+        raise ValueError(f"unknown model.attention_impl {impl!r}; choose one of {IMPLS}")
+    if impl == "auto":
+        runnable = kernel_sharding() is not None or jax.device_count() == 1
+        return "pallas" if target_platform() == "tpu" and runnable else "chunked"
+    return impl
+
+
+def pallas_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, blocks: tuple[int, int],
+                     name: str = "bagel_flash"):
+    """The Pallas kernel (sgt_jax/models/kernels/flash_bagel.py): Mosaic on TPU, the Pallas interpreter
+    elsewhere (slow; tests). Inside the train step (``layers.kernel_sharding`` set) it runs under
+    ``shard_map`` (a Mosaic kernel is not partitioned automatically): batch and heads split as the
+    activation rules say for q/k/v, the sequence whole on each device."""
+    from sgt_jax.models.kernels import flash_bagel
+
+    _check(q, k, v, q_meta, k_meta)
+    run = functools.partial(flash_bagel.flash_attention, block_q=int(blocks[0]), block_k=int(blocks[1]),
+                            interpret=target_platform() != "tpu", name=name)
+    ctx = kernel_sharding()
+    if ctx is None:
+        return run(q, k, v, q_meta, k_meta)
+    mesh, spec_of = ctx
+    names = ("batch", None, "act_heads", None)
+    qs, ks = spec_of(names, q.shape), spec_of(names, k.shape)
+    heads = qs[2] if qs[2] == ks[2] else None  # GQA groups stay whole only if both split alike
+    qs, ks = P(qs[0], None, heads, None), P(qs[0], None, heads, None)
+    ms = (P(qs[0], None),) * 4
+
+    def body(q, k, v, qm, km):
+        return run(q, k, v, TokenMeta(*qm), TokenMeta(*km))
+
+    return jax.shard_map(body, mesh=mesh, in_specs=(qs, ks, ks, ms, ms), out_specs=qs,
+                         check_vma=False)(q, k, v, tuple(q_meta), tuple(k_meta))
+
+
+def attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, impl: str, chunk: int = 512,
+              blocks: tuple[int, int] = (512, 512)):
+    """Dispatch on ``model.attention_impl``; scale ``1/sqrt(head_dim)``; output in q's dtype.
+    ``chunk``: the ``chunked`` block; ``blocks``: the Pallas kernel's (query, key) blocks."""
+    impl = resolve_impl(impl)
     if impl == "dense":
         return dense_attention(q, k, v, q_meta, k_meta)
     if impl == "chunked":
         return chunked_attention(q, k, v, q_meta, k_meta, chunk=chunk)
-    raise ValueError(f"unknown model.attention_impl {impl!r}; choose one of {IMPLS}")
+    return pallas_attention(q, k, v, q_meta, k_meta, blocks=blocks)

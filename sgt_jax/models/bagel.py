@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from sgt_jax.models.attention import TokenMeta
+from sgt_jax.models.attention import TokenMeta, attention_blocks
 from sgt_jax.models.flux_vae import FluxVAE
 from sgt_jax.models.layers import Dense, canonical_dtype, constrain, gelu_tanh, zeros_init
 from sgt_jax.models.posemb import TimestepEmbedder, sincos_2d
@@ -63,6 +63,7 @@ class Bagel(nnx.Module):
         with nnx.use_eager_sharding(False):
             self.vit = SiglipNaViT(model_cfg.vit, attention_impl=model_cfg.attention_impl,
                                    attention_chunk=model_cfg.attention_chunk,
+                                   attention_blocks=attention_blocks(model_cfg),
                                    remat_policy=model_cfg.remat_policy, **kw)
             self.vae = FluxVAE(model_cfg.vae, rngs=rngs) if with_vae else None
         self.connector = Connector(model_cfg.vit.hidden_size, h, **kw)

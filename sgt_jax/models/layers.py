@@ -13,17 +13,19 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 Initializer = Callable[..., jax.Array]
 
 
 _ACTIVATION_CONSTRAINT = contextvars.ContextVar("sgt_activation_constraint", default=None)
+_KERNEL_MESH = contextvars.ContextVar("sgt_kernel_mesh", default=None)
 
 
 @contextlib.contextmanager
@@ -39,6 +41,23 @@ def activation_sharding(fn: Callable[[jax.Array, tuple], jax.Array]):
         yield
     finally:
         _ACTIVATION_CONSTRAINT.reset(token)
+
+
+@contextlib.contextmanager
+def sharded_kernels(mesh, spec_of: Callable[[tuple, tuple], Any]):
+    """Within this context (at trace time), Pallas kernels run under ``shard_map`` over ``mesh``;
+    ``spec_of(names, shape)`` maps logical activation names to a PartitionSpec (the train step passes
+    ``sgt_jax.parallel.logical_to_spec`` with its rules). Outside it kernels see whole arrays."""
+    token = _KERNEL_MESH.set((mesh, spec_of))
+    try:
+        yield
+    finally:
+        _KERNEL_MESH.reset(token)
+
+
+def kernel_sharding():
+    """``(mesh, spec_of)`` set by ``sharded_kernels``, or None."""
+    return _KERNEL_MESH.get()
 
 
 def constrain(x: jax.Array, names: tuple) -> jax.Array:
@@ -155,7 +174,9 @@ class SwiGLU(nnx.Module):
         self.down_proj = Dense(intermediate, hidden, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        # tagged for the remat policies that save or offload the MLP inputs (sgt_jax/models/remat.py)
+        gate, up = (checkpoint_name(y, "mlp_in") for y in (self.gate_proj(x), self.up_proj(x)))
+        hidden = jax.nn.silu(gate) * up
         if hidden.ndim == 3:
             hidden = constrain(hidden, ("batch", "seq", "act_mlp"))
         return self.down_proj(hidden)

@@ -81,7 +81,7 @@ def head_dim(c) -> int:
 def ffn_dim(c) -> int:
     """``LuminaFeedForward``'s inner width: ``4·hidden`` (× ffn_dim_multiplier), rounded up to ``multiple_of``."""
     inner = 4 * c.hidden_size
-    if c.get("ffn_dim_multiplier") is not None:
+    if c.ffn_dim_multiplier is not None:
         inner = int(c.ffn_dim_multiplier * inner)
     return c.multiple_of * -(-inner // c.multiple_of)
 
@@ -105,7 +105,7 @@ def validate(c) -> None:
         problems.append(f"num_attention_heads {c.num_attention_heads} not divisible by num_kv_heads {c.num_kv_heads}")
     if len(c.axes_dim_rope) != 3 or len(c.axes_lens) != 3:
         problems.append("axes_dim_rope and axes_lens need 3 entries (sequence, row, column)")
-    if (c.get("out_channels") or c.in_channels) != c.in_channels:
+    if (c.out_channels or c.in_channels) != c.in_channels:
         problems.append(f"out_channels {c.out_channels} != in_channels {c.in_channels} is not supported")
     if c.attention_impl not in attn_lib.IMPLS:
         problems.append(f"unknown attention_impl {c.attention_impl!r}; choose one of {attn_lib.IMPLS}")

@@ -41,7 +41,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from sgt_jax.models import attention as attn_lib
-from sgt_jax.models.attention import TokenMeta
+from sgt_jax.models.attention import TokenMeta, attention_blocks
 from sgt_jax.models.layers import (Dense, Embed, RMSNorm, SwiGLU, apply_rope, canonical_dtype, constrain,
                                    rope_cos_sin)
 from sgt_jax.models.remat import remat
@@ -93,7 +93,7 @@ class MoTLayer(nnx.Module):
         self.gen = Expert(llm, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, meta: TokenMeta, num_und: int, cache_k, cache_v, cache_meta, *,
-                 impl: str, chunk: int, freeze_und: bool, return_probs: bool):
+                 impl: str, chunk: int, blocks: tuple[int, int], freeze_und: bool, return_probs: bool):
         t = x.shape[1]
         slices = [(e, a, b) for e, a, b in ((self.und, 0, num_und), (self.gen, num_und, t)) if b > a]
         qs, ks, vs = [], [], []
@@ -113,7 +113,7 @@ class MoTLayer(nnx.Module):
         if return_probs:
             ctx, probs = attn_lib.dense_attention(q, keys, vals, meta, k_meta, return_probs=True)
         else:
-            ctx = attn_lib.attention(q, keys, vals, meta, k_meta, impl=impl, chunk=chunk)
+            ctx = attn_lib.attention(q, keys, vals, meta, k_meta, impl=impl, chunk=chunk, blocks=blocks)
         ctx = checkpoint_name(ctx, "attn_out")
         outs = [e.attn_out(x[:, a:b], ctx[:, a:b], freeze_und and e is self.und) for e, a, b in slices]
         x = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
@@ -140,6 +140,7 @@ class Qwen2MoT(nnx.Module):
             raise ValueError(f"unknown model.attention_impl {model_cfg.attention_impl!r}; choose one of {attn_lib.IMPLS}")
         self.impl = model_cfg.attention_impl
         self.chunk = int(model_cfg.attention_chunk)
+        self.blocks = attention_blocks(model_cfg)
         self.remat_policy = model_cfg.remat_policy
         remat(lambda x: x, self.remat_policy)  # validate the name now, not at first call
         self.scan_layers = bool(model_cfg.scan_layers)
@@ -203,7 +204,7 @@ class Qwen2MoT(nnx.Module):
             layer_state, ck, cv = xs
             layer = nnx.merge(graphdef, layer_state)
             h, (k, v), probs = layer(h, cos, sin, meta, num_und, ck, cv, cache_meta, impl=self.impl,
-                                     chunk=self.chunk, freeze_und=self.freeze_und, return_probs=return_probs)
+                                     chunk=self.chunk, blocks=self.blocks, freeze_und=self.freeze_und, return_probs=return_probs)
             return h, ((k, v) if return_kv else None, probs)
 
         body = remat(body, self.remat_policy)

@@ -34,11 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sgt_jax.models import attention as attn_lib
 from sgt_jax.models.layers import Dense, canonical_dtype, constrain
 from sgt_jax.models.remat import POLICIES as REMAT_POLICIES
 from sgt_jax.models.remat import remat
 
-ATTENTION_IMPLS = ("dense", "chunked")
+ATTENTION_IMPLS = attn_lib.IMPLS
 
 
 def _named(init, names):
@@ -60,7 +61,7 @@ def _layer_norm(features, eps, *, dtype, param_dtype, rngs):
     )
 
 
-def image_attention(q, k, v, image_id, *, impl: str = "dense", chunk: int = 512):
+def image_attention(q, k, v, image_id, *, impl: str = "dense", chunk: int = 512, blocks=(512, 512)):
     """Softmax attention restricted to tokens of the same image.
 
     q, k, v: [B, P, N, D]; image_id: [B, P] int (pad = -1). Returns [B, P, N, D] in q's dtype.
@@ -69,6 +70,12 @@ def image_attention(q, k, v, image_id, *, impl: str = "dense", chunk: int = 512)
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl {impl!r} unknown; choose one of {ATTENTION_IMPLS}")
+    if attn_lib.resolve_impl(impl) == "pallas":
+        # The BAGEL kernel with the image id as the document (one full-attention split per image):
+        # other images' blocks are skipped. Pad patches (id -1) output 0 here (dense: a pad-only softmax).
+        full = jnp.full_like(image_id, attn_lib.FULL)
+        meta = attn_lib.TokenMeta(image_id, image_id, full, jnp.zeros_like(image_id))
+        return attn_lib.pallas_attention(q, k, v, meta, meta, blocks=blocks, name="vit_flash")
     scale = 1.0 / math.sqrt(q.shape[-1])
 
     def block(qb, idq):
@@ -94,7 +101,8 @@ def image_attention(q, k, v, image_id, *, impl: str = "dense", chunk: int = 512)
 class SiglipAttention(nnx.Module):
     """Multi-head self-attention with biases on q/k/v/out (SigLIP)."""
 
-    def __init__(self, cfg, *, dtype, param_dtype, rngs, attention_impl="dense", attention_chunk=512):
+    def __init__(self, cfg, *, dtype, param_dtype, rngs, attention_impl="dense", attention_chunk=512,
+                 attention_blocks=(512, 512)):
         hv, nh = cfg.hidden_size, cfg.num_heads
         if hv % nh:
             raise ValueError(f"vit.hidden_size {hv} is not divisible by vit.num_heads {nh}")
@@ -105,11 +113,11 @@ class SiglipAttention(nnx.Module):
         self.k_proj = Dense(hv, (nh, hd), ("vit_embed",) + heads, use_bias=True, **kw)
         self.v_proj = Dense(hv, (nh, hd), ("vit_embed",) + heads, use_bias=True, **kw)
         self.out_proj = Dense((nh, hd), hv, heads + ("vit_embed",), use_bias=True, **kw)
-        self.impl, self.chunk = attention_impl, attention_chunk
+        self.impl, self.chunk, self.blocks = attention_impl, attention_chunk, tuple(attention_blocks)
 
     def __call__(self, x, image_id):
         q, k, v = (constrain(f(x), ("batch", "seq", "act_heads", None)) for f in (self.q_proj, self.k_proj, self.v_proj))
-        o = image_attention(q, k, v, image_id, impl=self.impl, chunk=self.chunk)
+        o = image_attention(q, k, v, image_id, impl=self.impl, chunk=self.chunk, blocks=self.blocks)
         return self.out_proj(o)
 
 
@@ -127,10 +135,12 @@ class SiglipMLP(nnx.Module):
 class SiglipEncoderLayer(nnx.Module):
     """Pre-LN block: ``x += attn(LN1(x)); x += mlp(LN2(x))``."""
 
-    def __init__(self, cfg, *, dtype, param_dtype, rngs, attention_impl="dense", attention_chunk=512):
+    def __init__(self, cfg, *, dtype, param_dtype, rngs, attention_impl="dense", attention_chunk=512,
+                 attention_blocks=(512, 512)):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.layer_norm1 = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
-        self.self_attn = SiglipAttention(cfg, attention_impl=attention_impl, attention_chunk=attention_chunk, **kw)
+        self.self_attn = SiglipAttention(cfg, attention_impl=attention_impl, attention_chunk=attention_chunk,
+                                         attention_blocks=attention_blocks, **kw)
         self.layer_norm2 = _layer_norm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
         self.mlp = SiglipMLP(cfg, **kw)
 
@@ -146,12 +156,15 @@ class SiglipNaViT(nnx.Module):
       cfg_vit: ``config.model.vit`` (hidden_size, intermediate_size, num_heads, num_layers, patch_size,
         max_patches_per_side, layer_norm_eps).
       dtype: compute dtype (e.g. "bfloat16"); param_dtype: storage dtype of the weights.
-      attention_impl / attention_chunk: "dense" or "chunked" (query blocks of ``attention_chunk``).
+      attention_impl / attention_chunk / attention_blocks: "dense", "chunked" (query blocks of
+        ``attention_chunk``), "pallas" (the BAGEL kernel, image id as document, ``attention_blocks``) or
+        "auto" (pallas on TPU, chunked elsewhere).
       remat_policy: one of sgt_jax.models.remat.POLICIES, applied to each scanned layer (``model.remat_policy``).
     """
 
     def __init__(self, cfg_vit, *, dtype="float32", param_dtype="float32", rngs: nnx.Rngs,
-                 attention_impl: str = "dense", attention_chunk: int = 512, remat_policy: str = "none"):
+                 attention_impl: str = "dense", attention_chunk: int = 512, remat_policy: str = "none",
+                 attention_blocks: tuple[int, int] = (512, 512)):
         if attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention_impl {attention_impl!r} unknown; choose one of {ATTENTION_IMPLS}")
         if remat_policy not in REMAT_POLICIES:
@@ -171,7 +184,7 @@ class SiglipNaViT(nnx.Module):
         @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
         def make_layers(r):
             return SiglipEncoderLayer(cfg_vit, rngs=r, attention_impl=attention_impl,
-                                      attention_chunk=attention_chunk, **kw)
+                                      attention_chunk=attention_chunk, attention_blocks=attention_blocks, **kw)
 
         self.layers = make_layers(rngs)
         self.post_layernorm = _layer_norm(hv, cfg_vit.layer_norm_eps, rngs=rngs, **kw)

@@ -6,10 +6,14 @@ Order of events (each one fails loudly, before any long compile where possible):
   3. data iterator for this process (its rows of the global batch);
   4. state: own newest valid checkpoint > config.checkpoint.init_from > random init; iterator state too;
   5. AOT compile of the step on the first batch; compiled memory per device is printed;
-  6. steps: host batch -> global arrays -> step -> metrics line (+ TensorBoard) -> checkpoint every K;
-     a NaN/Inf loss or gradient skips the update inside the step; K in a row abort the run;
-  7. SIGTERM/SIGINT: save the current step and exit cleanly; at the end: final checkpoint, optional
-     export to a BAGEL PyTorch folder, summary.
+  6. steps: host batch -> global arrays (both on a background thread, config.train.prefetch batches
+     ahead: sgt_jax/train/overlap.py) -> step -> metrics line (+ TensorBoard) -> checkpoint every K;
+     with config.train.overlap a step's metrics are read after the next step is dispatched, so the
+     devices never wait for the host's logging; a NaN/Inf loss or gradient skips the update inside the
+     step; K in a row abort the run (noticed one step later when overlapped);
+  7. SIGTERM/SIGINT: save the current step and exit cleanly (the flag is combined over processes every
+     config.train.stop_check_every steps: the only host collective of the loop); at the end: final
+     checkpoint, optional export to a BAGEL PyTorch folder, summary.
 """
 
 from __future__ import annotations
@@ -22,12 +26,14 @@ from collections.abc import Callable
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 from sgt_jax import parallel
 from sgt_jax.checkpoint import convert, store
 from sgt_jax.mode_args import ModeArgs
 from sgt_jax.train import checkpointing, metrics as metrics_lib
 from sgt_jax.train import flops as flops_lib
+from sgt_jax.train import overlap as overlap_lib
 from sgt_jax.train import state as state_lib
 from sgt_jax.train import step as step_lib
 from sgt_jax.train.freeze import flops_frozen_modules
@@ -71,14 +77,44 @@ class _StopFlag:
         return bool(np.any(multihost_utils.process_allgather(np.asarray([mine]))))
 
 
-def _global_sum(x: np.ndarray) -> int:
-    """Sum of a host-local bookkeeping array over all processes."""
-    local = int(np.sum(x))
-    if jax.process_count() == 1:
-        return local
-    from jax.experimental import multihost_utils
+def _global_rows(rows: np.ndarray, mesh, rules) -> jax.Array:
+    """This process's per-pack bookkeeping rows as a global array split like the batch (no host collective:
+    the sum over processes runs on the devices, read back with the step's metrics)."""
+    sharding = parallel.batch_sharding(mesh, rules)
+    return jax.make_array_from_process_local_data(sharding, rows, (rows.shape[0] * jax.process_count(),)
+                                                  + rows.shape[1:])
 
-    return int(np.sum(multihost_utils.process_allgather(np.asarray([local]))))
+
+class _Profile:
+    """A jax.profiler trace of steps ``first..last`` (config.train.profile_steps) into <workdir>/profile."""
+
+    def __init__(self, first: int, last: int, logdir: str):
+        self.first, self.last, self.logdir, self.active = first, last, logdir, False
+
+    def before(self, step: int) -> None:
+        if step == self.first and not self.active:
+            jax.profiler.start_trace(self.logdir)
+            self.active = True
+
+    def after(self, step: int) -> None:
+        if self.active and step >= self.last:
+            self.close()
+            print(f"profiler trace of steps {self.first}-{self.last}: {self.logdir}")
+
+    def close(self) -> None:
+        if self.active:
+            self.active = False
+            jax.profiler.stop_trace()
+
+
+def _profile_window(tc, workdir: str) -> _Profile:
+    window = tuple(tc.profile_steps or ())
+    if not window:
+        return _Profile(-1, -1, "")
+    if len(window) != 2 or not 1 <= int(window[0]) <= int(window[1]):
+        raise ValueError(f"config.train.profile_steps={window!r}: expected (first, last) with 1 <= first <= last, "
+                         "or () for no trace")
+    return _Profile(int(window[0]), int(window[1]), os.path.join(workdir, "profile"))
 
 
 def _crc(host: dict) -> int:
@@ -162,6 +198,12 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
                          f"(got {total_steps}, {every})")
 
     _check_export_at_end(config)
+    overlap, prefetch = bool(tc.overlap), int(tc.prefetch)
+    check_every = int(tc.stop_check_every)
+    if check_every < 1 or prefetch < 0:
+        raise ValueError(f"config.train.stop_check_every must be >= 1 and config.train.prefetch >= 0 (got "
+                         f"{check_every}, {prefetch})")
+    profile = _profile_window(tc, workdir)
 
     mesh = parallel.make_mesh(config.mesh)
     rules = parallel.logical_rules(config)
@@ -190,59 +232,100 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
     stop = _StopFlag()
     stop.install()
     max_bad = int(tc.max_consecutive_nonfinite)
+    count_sum = jax.jit(lambda c: c.sum(axis=0), out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def to_device(host):
+        """On the prefetch thread: transfers only. Every computation (the step, the count sum) is
+        dispatched by the main thread, so all processes launch their programs in the same order."""
+        rows = np.stack([np.asarray(host.get(k, np.zeros(len(host["tokens"]), np.int32)), np.int32)
+                         for k in ("n_seg", "n_vqa")], axis=-1)
+        return parallel.to_global(host, mesh, rules), _global_rows(rows, mesh, rules)
+
+    prefetcher = overlap_lib.Prefetcher(iterator, to_device, prefetch)
+    clock = overlap_lib.DeviceClock()
     compiled = None
-    flops = peak = None
-    n_seg = n_vqa = 0
+    totals = {"n_seg": 0, "n_vqa": 0, "flops": None, "peak": None, "t_read": None}
     last_saved = start if manager.latest_step() == start else None
     times = []
     data_stats = None
     step = start
+    pending = None
+
+    def finish(p):
+        """Read a dispatched step's metrics (blocks until it ran), log them, check the NaN counter."""
+        m, counts = jax.device_get((p["metrics"], p["counts"]))
+        now = time.time()
+        dt = now - (totals["t_read"] if totals["t_read"] is not None else p["t_dispatch"])
+        totals["t_read"] = now
+        times.append(dt)
+        seg, vqa = int(counts[0]), int(counts[1])
+        totals["n_seg"] += seg
+        totals["n_vqa"] += vqa
+        flops, peak = totals["flops"], totals["peak"]
+        record = {k: (bool(v) if k == "applied" else float(v) if np.ndim(v) == 0 else v) for k, v in m.items()}
+        record.update(batch_crc=p["crc"], step_time_s=dt, tokens_per_s=p["tokens"] / dt, n_seg=seg, n_vqa=vqa,
+                      seg_vqa_ratio=(totals["n_seg"] / totals["n_vqa"]) if totals["n_vqa"] else None,
+                      tflops_per_device=flops / dt / jax.device_count() / 1e12,
+                      mfu=(flops / (dt * jax.device_count() * peak)) if peak else None)
+        writer.write(p["step"], record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", ce=f"{record['ce']:.3f}", mse=f"{record['mse']:.3f}")
+        profile.after(p["step"])
+        if int(m["nonfinite"]) >= max_bad:
+            raise NonFiniteAbort(
+                f"{int(m['nonfinite'])} consecutive steps had a NaN/Inf loss or gradient (last at step {p['step']}); "
+                f"updates were skipped, aborting (config.train.max_consecutive_nonfinite={max_bad}). Last "
+                f"loss {record['loss']}, grad_norm {record['grad_norm']}.")
+
     try:
         from tqdm import tqdm
 
         bar = tqdm(total=total_steps, initial=start, desc="train", unit="step", disable=jax.process_index() != 0)
         while step < total_steps:
-            host = next(iterator)
-            batch = parallel.to_global(host, mesh, rules)
+            item = next(prefetcher)
+            batch, counts = item.batch
             if compiled is None:
                 t0 = time.time()
                 compiled = jitted.lower(state, batch).compile()
                 print(f"compiled the train step in {time.time() - t0:.1f} s")
                 _print_memory(compiled)
                 global_packs = int(batch["tokens"].shape[0])
-                flops, peak = _flops_per_step(config, global_packs), _peak_flops(config)
-            t0 = time.time()
+                totals["flops"], totals["peak"] = _flops_per_step(config, global_packs), _peak_flops(config)
+            profile.before(step + 1)
+            t_dispatch = time.time()
             state, m = compiled(state, batch)
-            m = jax.device_get(m)
-            dt = time.time() - t0
+            counts = count_sum(counts)
+            clock.dispatched(m)
             step += 1
-            times.append(dt)
-            seg, vqa = _global_sum(host.get("n_seg", 0)), _global_sum(host.get("n_vqa", 0))
-            n_seg, n_vqa = n_seg + seg, n_vqa + vqa
-            tokens = int(np.prod(batch["tokens"].shape))
-            record = {k: (bool(v) if k == "applied" else float(v) if np.ndim(v) == 0 else v) for k, v in m.items()}
-            record.update(batch_crc=_crc(host), step_time_s=dt, tokens_per_s=tokens / dt, n_seg=seg, n_vqa=vqa,
-                          seg_vqa_ratio=(n_seg / n_vqa) if n_vqa else None,
-                          tflops_per_device=flops / dt / jax.device_count() / 1e12,
-                          mfu=(flops / (dt * jax.device_count() * peak)) if peak else None)
-            writer.write(step, record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", ce=f"{record['ce']:.3f}", mse=f"{record['mse']:.3f}")
-            if int(m["nonfinite"]) >= max_bad:
-                raise NonFiniteAbort(
-                    f"{int(m['nonfinite'])} consecutive steps had a NaN/Inf loss or gradient (last at step {step}); "
-                    f"updates were skipped, aborting (config.train.max_consecutive_nonfinite={max_bad}). Last "
-                    f"loss {record['loss']}, grad_norm {record['grad_norm']}.")
-            stopping = stop.any_process()
+            current = dict(step=step, metrics=m, counts=counts, crc=_crc(item.host), t_dispatch=t_dispatch,
+                           tokens=int(np.prod(batch["tokens"].shape)))
+            if pending is not None:  # overlapped: the previous step's metrics, while this one runs
+                finish(pending)
+            pending = current
+            if not overlap:
+                finish(pending)
+                pending = None
+            # one process: the local flag every step; several: a collective every check_every steps only
+            check = jax.process_count() == 1 or step % check_every == 0 or step == total_steps
+            stopping = check and stop.any_process()
             if step % every == 0 or step == total_steps or stopping:
-                checkpointing.save_state(manager, state, data_state=iterator.get_state(), config=config, mesh=mesh,
+                checkpointing.save_state(manager, state, data_state=item.data_state, config=config, mesh=mesh,
                                          force=True)
                 last_saved = step
             if stopping:
+                if pending is not None:
+                    finish(pending)
+                    pending = None
                 print(f"stopped by signal at step {step}; checkpoint saved")
                 break
+        if pending is not None:
+            finish(pending)
+            pending = None
         bar.close()
     finally:
+        profile.close()
+        clock.close()
+        prefetcher.close()
         stop.uninstall()
         store.wait(manager)
         manager.close()
@@ -257,9 +340,11 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
     if step == total_steps and str(config.checkpoint.export_at_end):
         _export(config, workdir, step)
     steady = times[1:] if len(times) > 1 else times
+    n_seg, n_vqa = totals["n_seg"], totals["n_vqa"]
     summary = {
         "steps_run": len(times), "final_step": step, "last_checkpoint": last_saved,
         "mean_step_time_s": float(np.mean(steady)) if steady else None,
+        "steps_per_s": clock.steps_per_s(), "device_wait_fraction": clock.wait_fraction(),
         "skipped_steps": int(jax.device_get(state["skipped"])), "n_seg": n_seg, "n_vqa": n_vqa,
         "seg_vqa_ratio": (n_seg / n_vqa) if n_vqa else None,
     }

@@ -30,31 +30,51 @@ def shift_timesteps(t, shift: float):
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def sample_timesteps(key, batch_size: int, num_images: int, shift: float):
-    """Per image slot ``t = shift(sigmoid(N(0, 1)))`` -> [B, NI] fp32."""
-    return shift_timesteps(jax.nn.sigmoid(jax.random.normal(key, (batch_size, num_images), jnp.float32)), shift)
-
-
 def scale_latents(z, vae_cfg):
     return float(vae_cfg.scale_factor) * (z - float(vae_cfg.shift_factor))
 
 
-def clean_latents_cached(batch, key, vae_cfg):
-    """x0 [B, Z, D] from cached patchified posterior statistics: sample, then scale."""
+def flow_noise(key, batch, *, model_cfg, num_images: int) -> dict:
+    """Every random draw of the flow-matching inputs for the whole ``batch``, each with the pack axis first:
+    ``post`` (posterior sample noise: ``[B, Z, D]`` for cached statistics, ``[B, NI, h, w, C]`` on the VAE
+    latent grid for online encoding), ``t_logit`` ``[B, NI]`` and ``eps`` ``[B, Z, D]``.
+
+    Drawn once per step and then sliced by pack, so a step split into micro-batches
+    (``config.train.microbatches``) draws exactly the numbers the whole batch would."""
+    k_post, k_t, k_eps = jax.random.split(key, 3)
+    b, z = batch["latent_image"].shape
+    vae_cfg = model_cfg.vae
+    d = int(vae_cfg.z_channels) * int(model_cfg.latent_patch_size) ** 2
+    if "latent_mean" in batch:
+        post = jax.random.normal(k_post, batch["latent_mean"].shape, jnp.float32)
+    elif "vae_images" in batch:
+        _, ni, hc, wc, _ = batch["vae_images"].shape
+        if ni != num_images:
+            raise ValueError(f"vae_images has {ni} slots, config says {num_images}")
+        down = 2 ** (len(vae_cfg.ch_mult) - 1)
+        shape = (b * ni, hc // down, wc // down, int(vae_cfg.z_channels))
+        post = jax.random.normal(k_post, shape, jnp.float32).reshape((b, ni) + shape[1:])
+    else:
+        raise ValueError("batch has neither cached latent statistics (latent_mean/latent_logvar) nor vae_images")
+    return dict(post=post, t_logit=jax.random.normal(k_t, (b, num_images), jnp.float32),
+                eps=jax.random.normal(k_eps, (b, z, d), jnp.float32))
+
+
+def clean_latents_cached(batch, post_noise, vae_cfg):
+    """x0 [B, Z, D] from cached patchified posterior statistics: sample (with ``post_noise``), then scale."""
     mean, logvar = batch["latent_mean"], batch["latent_logvar"]
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, jnp.float32)
-    return scale_latents(z, vae_cfg)
+    return scale_latents(mean + jnp.exp(0.5 * logvar) * post_noise, vae_cfg)
 
 
-def clean_latents_online(batch, key, vae, vae_cfg, latent_patch: int):
-    """x0 [B, Z, D] from ``vae_images`` [B, NI, Hc, Wc, 3]: encode (frozen), sample, scale, patchify,
-    then gather each latent row's token by (image slot, latent_rc)."""
+def clean_latents_online(batch, post_noise, vae, vae_cfg, latent_patch: int):
+    """x0 [B, Z, D] from ``vae_images`` [B, NI, Hc, Wc, 3]: encode (frozen), sample (``post_noise``
+    [B, NI, h, w, C]), scale, patchify, then gather each latent row's token by (image slot, latent_rc)."""
     images = batch["vae_images"]
     b, ni, hc, wc, _ = images.shape
     images = constrain(images.reshape(b * ni, hc, wc, images.shape[-1]), ("batch", None, None, None))
     mean, logvar = vae.encode_stats(images)
     mean, logvar = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(logvar)
-    z = mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, jnp.float32)
+    z = mean + jnp.exp(0.5 * logvar) * post_noise.reshape(mean.shape)
     z = scale_latents(z, vae_cfg)
     grid_w = z.shape[2] // latent_patch
     tokens = patchify_latent(z, latent_patch)  # [B*NI, gh*gw, D]
@@ -65,27 +85,25 @@ def clean_latents_online(batch, key, vae, vae_cfg, latent_patch: int):
     return jnp.take_along_axis(tokens, index[..., None], axis=1)
 
 
-def flow_inputs(batch, key, *, vae, model_cfg, shift: float, num_images: int):
+def flow_inputs(batch, key, *, vae, model_cfg, shift: float, num_images: int, noise: dict | None = None):
     """``(x_t, t, v_target)`` for the latent stream. ``num_images`` = NI, the VAE image slots per pack
-    (``config.data.pack.vae_images``). Rows that are not targets have t = 0 and x_t = x0; pad rows are 0."""
-    k_post, k_t, k_eps = jax.random.split(key, 3)
+    (``config.data.pack.vae_images``). Rows that are not targets have t = 0 and x_t = x0; pad rows are 0.
+    ``noise`` (from ``flow_noise``) replaces the draws from ``key``."""
+    if noise is None:
+        noise = flow_noise(key, batch, model_cfg=model_cfg, num_images=num_images)
     if "latent_mean" in batch:
-        x0 = clean_latents_cached(batch, k_post, model_cfg.vae)
-    elif "vae_images" in batch:
+        x0 = clean_latents_cached(batch, noise["post"], model_cfg.vae)
+    else:
         if vae is None:
             raise ValueError("online latents (vae_images in the batch) need a model built with its VAE")
-        if batch["vae_images"].shape[1] != num_images:
-            raise ValueError(f"vae_images has {batch['vae_images'].shape[1]} slots, config says {num_images}")
-        x0 = clean_latents_online(batch, k_post, vae, model_cfg.vae, int(model_cfg.latent_patch_size))
-    else:
-        raise ValueError("batch has neither cached latent statistics (latent_mean/latent_logvar) nor vae_images")
+        x0 = clean_latents_online(batch, noise["post"], vae, model_cfg.vae, int(model_cfg.latent_patch_size))
     image = batch["latent_image"]
     real = image >= 0
     x0 = jnp.where(real[..., None], x0, 0.0)
-    t_img = sample_timesteps(k_t, x0.shape[0], num_images, shift)
+    t_img = shift_timesteps(jax.nn.sigmoid(noise["t_logit"]), shift)
     t = jnp.take_along_axis(t_img, jnp.clip(image, 0, num_images - 1), axis=1)
     t = jnp.where(batch["latent_target"] & real, t, 0.0)
-    eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
+    eps = noise["eps"]
     x_t = constrain((1.0 - t[..., None]) * x0 + t[..., None] * eps, ("batch", "seq", None))
     return x_t, t, eps - x0
 
@@ -119,16 +137,29 @@ def chunked_ce_sum(model, hidden, labels, valid, chunk: int):
     return total, jnp.sum(valid.astype(jnp.float32))
 
 
-def sgt_loss(model, batch, key, train_cfg, model_cfg, num_images: int):
-    """The SGT objective on one (global) batch -> (loss, aux dict of scalars)."""
+def token_counts(batch):
+    """``(n_ce, n_mse)``: valid CE labels and latent target tokens of ``batch`` (the loss normalisers)."""
+    target = batch["latent_target"] & (batch["latent_image"] >= 0)
+    return jnp.sum(batch["ce_valid"].astype(jnp.float32)), jnp.sum(target.astype(jnp.float32))
+
+
+def sgt_loss(model, batch, key, train_cfg, model_cfg, num_images: int, *, noise: dict | None = None,
+             counts: tuple | None = None):
+    """The SGT objective on one (global) batch -> (loss, aux dict of scalars).
+
+    ``noise`` (``flow_noise``) and ``counts`` (``token_counts``) of a larger batch make this the share of
+    one micro-batch in that batch's loss: the per-token sums are divided by the whole batch's counts, so
+    the micro-batch losses, gradients and ``aux`` ``ce``/``mse`` add up to the whole batch's."""
     x_t, t, v_target = flow_inputs(batch, key, vae=getattr(model, "vae", None), model_cfg=model_cfg,
-                                   shift=float(train_cfg.timestep_shift), num_images=num_images)
+                                   shift=float(train_cfg.timestep_shift), num_images=num_images, noise=noise)
     ce_hidden, velocity = model.forward(batch, x_t, t)
     ce_sum, n_ce = chunked_ce_sum(model, ce_hidden, batch["ce_label"], batch["ce_valid"], train_cfg.ce_chunk)
     target = batch["latent_target"] & (batch["latent_image"] >= 0)
     per_token = jnp.mean(jnp.square(velocity.astype(jnp.float32) - v_target), axis=-1)
     mse_sum = jnp.sum(jnp.where(target, per_token, 0.0))
     n_mse = jnp.sum(target.astype(jnp.float32))
+    if counts is not None:
+        n_ce, n_mse = counts
     ce = ce_sum / jnp.maximum(n_ce, 1.0)
     mse = mse_sum / jnp.maximum(n_mse, 1.0)
     loss = float(train_cfg.ce_weight) * ce + float(train_cfg.mse_weight) * mse

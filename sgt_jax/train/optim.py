@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 SCHEDULES = ("constant", "cosine")
+MU_DTYPES = ("float32", "bfloat16")
 
 
 def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -41,8 +42,11 @@ def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransform
     parts = []
     if optim_cfg.clip_norm and float(optim_cfg.clip_norm) > 0:
         parts.append(optax.clip_by_global_norm(float(optim_cfg.clip_norm)))
+    mu_dtype = str(optim_cfg.mu_dtype)
+    if mu_dtype not in MU_DTYPES:
+        raise ValueError(f"config.optim.mu_dtype={mu_dtype!r}; allowed: {MU_DTYPES}")
     parts.append(optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),
-                             weight_decay=float(optim_cfg.weight_decay)))
+                             weight_decay=float(optim_cfg.weight_decay), mu_dtype=jnp.dtype(mu_dtype)))
     return optax.chain(*parts), schedule
 
 

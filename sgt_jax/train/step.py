@@ -12,6 +12,13 @@ Inside the step: per-step key ``fold_in(rng, step)`` -> flow-matching inputs -> 
 if loss and grad norm are finite: clip + AdamW update + EMA, else keep params/opt/EMA unchanged and
 count the skip (``lax.cond``, so a skipped step costs no update arithmetic). The step counter always
 advances (the batch was consumed), the optimizer's own count only on applied updates.
+
+Gradient accumulation (``config.train.microbatches = K``): the step's batch of ``data.packs_per_batch``
+packs is split into K micro-batches (micro-batch j holds packs j, j+K, j+2K, ..., so every device keeps
+its own rows) and a ``lax.scan`` adds their gradients into an fp32 accumulator, then ONE update follows.
+The flow-matching noise is drawn for the whole batch and the loss of each micro-batch is its per-token
+sums over the WHOLE batch's token counts, so the K micro-batches' losses and gradients add up to the
+whole batch's (tests/unit/test_train_accum.py). Activation memory is that of one micro-batch.
 """
 
 from __future__ import annotations
@@ -25,8 +32,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sgt_jax import parallel
-from sgt_jax.models.layers import activation_sharding
-from sgt_jax.train.losses import sgt_loss
+from sgt_jax.models.layers import activation_sharding, sharded_kernels
+from sgt_jax.train.losses import flow_noise, sgt_loss, token_counts
 from sgt_jax.train.optim import ema_update
 from sgt_jax.train.state import StateSpec, make_state_spec
 
@@ -51,16 +58,50 @@ def make_step_fn(config, spec: StateSpec, mesh: Mesh | None = None) -> Callable:
         ema_device = jax.tree.map(lambda s: s.with_memory_kind("device") if s.memory_kind == "pinned_host" else None,
                                   spec.shardings["ema"])
 
-    def loss_fn(params, frozen, batch, key):
+    k_micro = microbatches(config)
+
+    def loss_fn(params, frozen, batch, noise, counts):
         model = nnx.merge(spec.graphdef, params, frozen, spec.rest)
+        kw = dict(noise=noise, counts=counts)
         if mesh is None:
-            return sgt_loss(model, batch, key, train_cfg, model_cfg, num_images)
-        with activation_sharding(lambda x, names: parallel.constrain(x, names, rules, mesh)):
-            return sgt_loss(model, batch, key, train_cfg, model_cfg, num_images)
+            return sgt_loss(model, batch, None, train_cfg, model_cfg, num_images, **kw)
+        with activation_sharding(lambda x, names: parallel.constrain(x, names, rules, mesh)), \
+                sharded_kernels(mesh, lambda names, shape: parallel.logical_to_spec(names, shape, rules, mesh)):
+            return sgt_loss(model, batch, None, train_cfg, model_cfg, num_images, **kw)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def split(tree):
+        """[B, ...] -> [K, B/K, ...], micro-batch j = packs j, j+K, ... (each device keeps its rows)."""
+        def one(x):
+            y = x.reshape((x.shape[0] // k_micro, k_micro) + x.shape[1:]).swapaxes(0, 1)
+            names = (None, "batch") + (None,) * (y.ndim - 2)
+            return y if mesh is None else parallel.constrain(y, names, rules, mesh)
+        return jax.tree.map(one, tree)
+
+    def loss_and_grads(params, frozen, batch, key):
+        noise = flow_noise(key, batch, model_cfg=model_cfg, num_images=num_images)
+        counts = token_counts(batch)
+        if k_micro == 1:
+            return grad_fn(params, frozen, batch, noise, counts)
+
+        def body(acc, xs):
+            (loss, aux), grads = grad_fn(params, frozen, *xs, counts)
+            acc_loss, acc_ce, acc_mse, acc_g = acc
+            acc_g = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc_g, grads)
+            return (acc_loss + loss, acc_ce + aux["ce"], acc_mse + aux["mse"], acc_g), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        if mesh is not None:
+            zeros = jax.lax.with_sharding_constraint(zeros, spec.shardings["params"])
+        scalar = jnp.zeros((), jnp.float32)
+        (loss, ce, mse, grads), _ = jax.lax.scan(body, (scalar, scalar, scalar, zeros), split((batch, noise)))
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        return (loss, dict(ce=ce, mse=mse, n_ce=counts[0], n_mse=counts[1])), grads
 
     def step(state, batch):
         key = jax.random.fold_in(state["rng"], state["step"])
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"], state["frozen"], batch, key)
+        (loss, aux), grads = loss_and_grads(state["params"], state["frozen"], batch, key)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
@@ -96,6 +137,15 @@ def make_step_fn(config, spec: StateSpec, mesh: Mesh | None = None) -> Callable:
     return step
 
 
+def microbatches(config) -> int:
+    """``config.train.microbatches`` (K >= 1), checked against ``config.data.packs_per_batch``."""
+    k, packs = int(config.train.microbatches), int(config.data.packs_per_batch)
+    if k < 1 or packs % k:
+        raise ValueError(f"config.train.microbatches={k} must be >= 1 and divide config.data.packs_per_batch="
+                         f"{packs} (the global packs of one step, split into K micro-batches)")
+    return k
+
+
 def build_train_step(config, mesh: Mesh, model_fn: Callable | None = None):
     """``(jitted_step, abstract_state, batch_sharding)`` for ``config`` on ``mesh`` (compile mode's entry).
 
@@ -109,6 +159,11 @@ def build(config, mesh: Mesh, model_fn: Callable | None = None, spec: StateSpec 
     to create or restore the state."""
     spec = spec or make_state_spec(config, mesh, model_fn)
     rules = parallel.logical_rules(config)
+    k, shards = microbatches(config), parallel.batch_shards(mesh, rules)
+    if (int(config.data.packs_per_batch) // k) % shards:
+        raise ValueError(f"a micro-batch of config.data.packs_per_batch / config.train.microbatches = "
+                         f"{int(config.data.packs_per_batch)} / {k} packs does not split over the {shards} batch "
+                         f"shards of mesh {dict(mesh.shape)}")
     batch_sharding = parallel.batch_sharding(mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(make_step_fn(config, spec, mesh), in_shardings=(spec.shardings, batch_sharding),

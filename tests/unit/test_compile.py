@@ -84,6 +84,32 @@ def test_chunked_attention_skippable_flops_are_its_block_matmuls():
     assert C.traced_flops(no_skip, q, with_skippable=True) == (total, 0)
 
 
+def test_pallas_kernel_flops_counted_from_its_cost_estimate_under_shard_map():
+    """A pallas_call hides its body (one block's program) from the jaxpr count: the kernel's declared
+    all-pairs FLOPs are counted instead (forward 2 matmuls, dq 3, dk/dv 4), times the devices that run
+    a shard_map body; the ViT's calls are kept apart (their own live fraction)."""
+    from jax.sharding import Mesh
+
+    from sgt_jax.models import attention as A
+    from sgt_jax.models.layers import sharded_kernels
+
+    b, t, hq, hkv, d = 1, 16, 4, 2, 8
+    q, k = jnp.zeros((b, t, hq, d)), jnp.zeros((b, t, hkv, d))
+    meta = A.TokenMeta(*(jnp.zeros((b, t), jnp.int32) for _ in range(4)))
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ("batch_axis",))
+
+    def loss(q, k):
+        with sharded_kernels(mesh, lambda names, shape: P("batch_axis", *([None] * (len(shape) - 1)))):
+            return A.attention(q, k, k, meta, meta, impl="pallas", blocks=(8, 8)).sum()
+
+    counts = C.traced_counts(jax.grad(loss, argnums=(0, 1)), q, k)
+    pair = 2 * b * hq * t * t * d  # one matmul over every (query, key) pair and query head
+    assert counts["kernel_llm"] == (2 + 3 + 4) * pair and counts["kernel_vit"] == 0
+    assert counts["dot_general"] == counts["kernel_llm"]  # the block program's own dots are not counted
+    vit = lambda q: A.pallas_attention(q, q, q, meta, meta, blocks=(8, 8), name="vit_flash").sum()  # noqa: E731
+    assert C.traced_counts(vit, q)["kernel_vit"] == 2 * pair
+
+
 # ---- AOT compile on abstract TPU devices (needs libtpu, not a TPU) ----
 
 HIDDEN = 256
@@ -200,3 +226,55 @@ def test_real_train_step_lowers_on_tpu_mesh(libtpu):
     analytic = flops_lib.step_flops(cfg.model, budgets, packs=4, vae_online=True).total
     ratio = C.traced_flops(jitted, state, batch) / analytic
     assert 0.9 < ratio < 2.0, ratio
+
+
+@pytest.mark.slow
+def test_train_step_with_pallas_attention_lowers_for_tpu(libtpu):
+    """``attention_impl="auto"`` on an abstract TPU mesh picks the Pallas kernel: the real train step
+    (tiny config) lowers with Mosaic kernels under shard_map in the LLM and the ViT, and the FLOP count
+    holds the kernels' declared work."""
+    from sgt_jax.parallel import mesh as mesh_lib
+
+    cfg = load_config("configs/sgt_tiny.py")
+    cfg.compile.topology = "v5p-8"
+    cfg.model.attention_impl = "auto"
+    spec, _ = C._apply_compile_overrides(cfg)
+    mesh = mesh_lib.make_mesh(cfg.mesh, C.topology_devices(spec))
+    jitted, (state, batch) = C._build_train_step(cfg, mesh)
+    text = jitted.lower(state, batch).as_text()
+    assert "tpu_custom_call" in text
+    assert "sdy.manual_computation" in text or "SPMDFullToShardShape" in text  # shard_map (Shardy or GSPMD)
+    counts = C.traced_counts(jitted, state, batch)
+    assert counts["kernel_llm"] > 0 and counts["kernel_vit"] > 0 and counts["cond_skippable"] == 0
+
+
+def test_remat_search_keeps_the_first_policy_with_headroom(libtpu):
+    """The search compiles policies in order and stops at the first that fits with the headroom: here a
+    stand-in step whose size depends on the policy (OOM, fits without 10 % headroom, fits with it)."""
+    cfg = load_config("configs/sgt_tiny.py")
+    spec = C.parse_topology("v5litepod-4")  # 16 GB per chip
+    devices = C.topology_devices(spec)
+    tried = []
+
+    def builder(config, mesh):
+        policy = str(config.model.remat_policy)
+        tried.append(policy)
+        # replicated fp32 input + output per chip: 8 bytes per element
+        n = {"dots": 2**31, "qkv_out_offload_mlp": int(0.95 * spec.chip.hbm_bytes / 8)}.get(policy, 2**20)
+        x = jax.ShapeDtypeStruct((n,), jnp.float32, sharding=NamedSharding(mesh, P()))
+        extra = (lambda a: (a * 2, a + 1, a * 3, a - 1)) if policy == "dots" else (lambda a: a + 1)
+        return jax.jit(extra), (x,)
+
+    rep = C.search_remat(cfg, headroom=0.1, devices=devices, spec=spec, builder=builder)
+    assert tried == ["dots", "qkv_out_offload_mlp", "dots_no_batch"]
+    assert rep["chosen"] == "dots_no_batch" and rep["remat_policy"] == "dots_no_batch"
+    assert [(t["policy"], t["fits"]) for t in rep["remat_search"]] == [
+        ("dots", False), ("qkv_out_offload_mlp", True), ("dots_no_batch", True)]
+    assert rep["remat_search"][1]["hbm_fraction"] > 0.9
+    text = C.format_report(rep)
+    assert "dots_no_batch" in text and "<- chosen" in text and "compiler OOM" in text
+    tried.clear()
+    rep = C.search_remat(cfg, headroom=0.1, candidates=("dots",), devices=devices, spec=spec, builder=builder)
+    assert rep["chosen"] is None and "no policy fits with 10% HBM headroom" in C.format_report(rep)
+    with pytest.raises(ValueError, match="remat_candidates"):
+        C.search_remat(cfg, headroom=0.1, candidates=("bogus",), devices=devices, spec=spec, builder=builder)

@@ -152,3 +152,29 @@ def test_activation_sharding_hook_sees_named_activations(reference):
     names = {n for n, _ in seen}
     assert {("batch", "seq", "act_embed"), ("batch", "seq", "act_heads", None), ("batch", "seq", "act_mlp")} <= names
     assert all(len(n) == nd for n, nd in seen)
+
+
+def test_remat_policies_same_gradients_and_recompute_in_search_order():
+    """An offloading remat policy gives the no-remat gradients (the others are jax's own policies); the
+    traced FLOPs (recompute included) never decrease along remat.SEARCH_ORDER and end at the most for
+    ``full``."""
+    from sgt_jax.compile import traced_flops
+    from sgt_jax.models import remat
+
+    x, meta, rope = inputs(3)
+    _, ref = _loss_and_grads(model_cfg(), x, meta, rope)
+    flops = {}
+    for policy in remat.SEARCH_ORDER:
+        cfg = model_cfg(remat_policy=policy)
+        if policy == "qkv_out_offload_mlp":
+            _, g = _loss_and_grads(cfg, x, meta, rope)
+            for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(g)):
+                a, b = np.asarray(a), np.asarray(b)
+                np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max(), err_msg=policy)
+        graphdef, state = nnx.split(build(cfg))
+        grad = jax.grad(lambda s: jnp.sum(nnx.merge(graphdef, s)(x, meta, rope, num_und=U)[0] ** 2))
+        flops[policy] = traced_flops(grad, state)
+    order = [flops[p] for p in remat.SEARCH_ORDER]
+    assert flops["dots"] < flops["qkv_out"] < flops["full"], flops
+    assert flops["qkv_out_offload_mlp"] < flops["qkv_out"] == flops["offload_qkv_out"], flops
+    assert order[-1] == max(order), flops

@@ -35,16 +35,15 @@ from safetensors import safe_open
 
 from sgt_jax.checkpoint import folder as folder_lib
 from sgt_jax.checkpoint import store, streaming, vision_tables
+from sgt_jax.checkpoint.run_config import default_config, jsonable, mesh_and_rules
 from sgt_jax.checkpoint.llm_tables import heads_table, llm_table, sincos_tables, sincos_value
 from sgt_jax.checkpoint.safetensors_io import SliceReader, StreamingWriter, TensorInfo, numpy_dtype, write_all
 from sgt_jax.checkpoint.table import (ConversionError, check_keys, check_tree, expected_shapes,
                                       flatten_paths, state_dict_to_tree, tree_to_state_dict)
 from sgt_jax.checkpoint.vision_tables import params_to_vae_state_dict, vae_state_dict_to_params
 from sgt_jax.checkpoint.vit_table import vit_table
-from sgt_jax.configs_util import load_config
 from sgt_jax.models.bagel import abstract_params
 from sgt_jax.models.flux_vae import FluxVAE
-from sgt_jax.parallel.mesh import logical_rules, make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -113,30 +112,12 @@ def load_vae(folder: str, cfg_vae) -> FluxVAE:
 # ---- model config, mesh ----------------------------------------------------------------------------
 
 
-def _default_config() -> ml_collections.ConfigDict:
-    return load_config("bagel_sgt.py:7b")
-
-
-def _mesh_and_rules(config):
-    return make_mesh(config.mesh), logical_rules(config)
-
-
-def _jsonable(x):
-    if isinstance(x, ml_collections.ConfigDict):
-        x = x.to_dict()
-    if isinstance(x, Mapping):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
-
-
 def model_config_from_meta(meta: Mapping) -> ml_collections.ConfigDict:
     """The model config recorded in params_meta.json (tuples restored where the config has them). Top-level
     fields added to the config after that import (e.g. ``pos_table_dtype``) take the current defaults."""
     m = ml_collections.ConfigDict(meta["model"])
     m.vae.ch_mult = tuple(m.vae.ch_mult)
-    defaults = _default_config().model
+    defaults = default_config().model
     for key in defaults.keys():
         if key not in m:
             m[key] = defaults[key]
@@ -169,7 +150,7 @@ def import_folder(source: str, config: ml_collections.ConfigDict | None = None, 
     model config; ``meta`` the JSON-able description written to params_meta.json."""
     from tqdm import tqdm
 
-    config = config if config is not None else _default_config()
+    config = config if config is not None else default_config()
     fold = folder_lib.open_folder(source)
     cfg_model = folder_lib.infer_model_config(fold, config.model)
     diff = folder_lib.architecture_diff(config.model, cfg_model)
@@ -177,7 +158,7 @@ def import_folder(source: str, config: ml_collections.ConfigDict | None = None, 
         log.warning("architecture taken from %s, not from the config: %s", source, "; ".join(diff))
     check_folder(fold, cfg_model)  # every name/shape problem, before any tensor is read
 
-    mesh, rules = _mesh_and_rules(config)
+    mesh, rules = mesh_and_rules(config)
     abstract = abstract_params(cfg_model, mesh=mesh, rules=rules)
     table = bagel_table(cfg_model)
     check_tree(table, {k: v for k, v in abstract.items() if k != "vae"}, "the model's parameter tree")
@@ -202,7 +183,7 @@ def import_folder(source: str, config: ml_collections.ConfigDict | None = None, 
 
     meta = {
         "format": META_FORMAT,
-        "model": _jsonable(cfg_model),
+        "model": jsonable(cfg_model),
         "layout": {"scan_axis": 0, "scan_layers": bool(cfg_model.scan_layers), "stacked": sorted("/".join(e.path) for e in table if e.layers is not None),
                    "param_dtype": str(cfg_model.param_dtype)},
         "source": {
@@ -364,8 +345,8 @@ def _training_steps(workdir: str) -> list[int]:
 def load_workdir_params(config, args):
     """(params, cfg_model, meta) of a workdir: its latest (or ``args.step``) training checkpoint when it has
     any (``args.weights`` ema|raw), else its imported ``params/``."""
-    base = config if config is not None else _default_config()
-    mesh, rules = _mesh_and_rules(base)
+    base = config if config is not None else default_config()
+    mesh, rules = mesh_and_rules(base)
     steps = _training_steps(args.workdir)
     if not steps:
         if args.step is not None:
@@ -461,7 +442,7 @@ def run_export_omnigen2(config, args) -> int:
 
     meta = store.read_params_meta(args.workdir)
     cfg_dit, cfg_vae, cfg_mllm = omnigen2_folder.configs_from_meta(meta)
-    mesh, rules = _mesh_and_rules(config if config is not None and "mesh" in config else _default_config())
+    mesh, rules = mesh_and_rules(config if config is not None and "mesh" in config else default_config())
     params = store.load_params(args.workdir, omnigen2_folder.abstract_params(cfg_dit, cfg_vae, cfg_mllm, mesh, rules))
     omnigen2_folder.export_folder(params, cfg_dit, cfg_vae, args.dest, meta)
     print(f"exported {args.workdir} -> {args.dest}")

@@ -31,6 +31,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -40,6 +41,7 @@ from sgt_jax.checkpoint import streaming, vision_tables
 from sgt_jax.checkpoint.folder import infer_vae
 from sgt_jax.checkpoint.safetensors_io import (MultiFileReader, StreamingWriter, TensorInfo, numpy_dtype,
                                                read_header, write_all)
+from sgt_jax.checkpoint.run_config import default_config, jsonable, mesh_and_rules
 from sgt_jax.checkpoint.table import ConversionError, check_keys, check_tree, expected_shapes
 
 log = logging.getLogger(__name__)
@@ -246,9 +248,7 @@ def import_folder(source: str, config=None, mesh=None, rules=None):
     """OmniGen2 folder -> ``(params, cfg_dit, cfg_vae, meta)``; ``params = {"transformer", "vae", "mllm"}``
     of sharded jax.Arrays over ``mesh`` with the logical ``rules`` (default: ``config.mesh``). The MLLM's
     config is ``configs_from_meta(meta)[2]`` (compute settings from ``config.model.mllm`` when present)."""
-    import jax
 
-    from sgt_jax.checkpoint.convert import _jsonable, _mesh_and_rules
 
     # An OmniGen2 run config may carry model.dit / model.vae / model.mllm (no such config file is in the
     # repository yet).
@@ -256,9 +256,8 @@ def import_folder(source: str, config=None, mesh=None, rules=None):
     base_dit, base_vae, base_mllm = (model_cfg[k] if k in model_cfg else None for k in ("dit", "vae", "mllm"))
     fold, cfg_dit, cfg_vae, cfg_mllm = open_folder(source, base_dit, base_vae, base_mllm)  # every problem first
     if mesh is None:
-        from sgt_jax.checkpoint.convert import _default_config
 
-        mesh, rules = _mesh_and_rules(config if config is not None and "mesh" in config else _default_config())
+        mesh, rules = mesh_and_rules(config if config is not None and "mesh" in config else default_config())
     abstract = abstract_params(cfg_dit, cfg_vae, cfg_mllm, mesh, rules)
     table = table_lib.dit_table(cfg_dit)
     check_tree(table, abstract["transformer"], "the model's parameter tree")
@@ -275,7 +274,7 @@ def import_folder(source: str, config=None, mesh=None, rules=None):
     meta = {
         "format": "sgt_jax.params/1",
         "family": "omnigen2",
-        "model": {"dit": _jsonable(cfg_dit), "vae": _jsonable(cfg_vae)},
+        "model": {"dit": jsonable(cfg_dit), "vae": jsonable(cfg_vae)},
         "layout": {"scan_axis": 0, "stacked": sorted("transformer/" + "/".join(e.path) for e in table if e.layers),
                    "param_dtype": str(cfg_dit.param_dtype)},
         "source": {"path": os.path.abspath(source), "kind": KIND, "dit_config": fold.dit_json,
@@ -283,7 +282,7 @@ def import_folder(source: str, config=None, mesh=None, rules=None):
                    "dit_dtypes": {k: v.dtype for k, v in fold.dit_header.items()},
                    "vae_keys": {k: [v.dtype, list(v.shape)] for k, v in fold.vae_header.items()},
                    "extra": fold.extra},
-        "mllm": _jsonable(mllm_meta),  # config, key layout, per-key dtype and file, extra files (qwen2_5_vl_folder)
+        "mllm": jsonable(mllm_meta),  # config, key layout, per-key dtype and file, extra files (qwen2_5_vl_folder)
         "import": {"seconds": round(time.time() - t0, 3), "bytes_read_transformer": dit_bytes,
                    "bytes_read_mllm": mllm_meta["bytes_read"],
                    "process_count": jax.process_count(), "devices": jax.device_count()},
@@ -296,7 +295,6 @@ def export_folder(params, cfg_dit, cfg_vae, dest: str, meta) -> str:
     and shard files (bf16, one file, when unknown), ``vae/`` in diffusers naming, ``mllm/`` through
     ``export_qwen2_5_vl`` (config from ``meta["mllm"]``), the other subfolders and files copied from the
     source. Every process must call this; process 0 writes."""
-    import jax
 
     src = meta.get("source", {})
     cfg_mllm = configs_from_meta(meta)[2]

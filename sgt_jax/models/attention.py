@@ -27,60 +27,19 @@ Implementations (``model.attention_impl``):
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from sgt_jax.models.kernels import flash_bagel
 from sgt_jax.models.layers import kernel_sharding
+# The rule and the metadata live in mask_rule.py (the Pallas kernel evaluates them too); re-exported here.
+from sgt_jax.models.mask_rule import CAUSAL, FULL, NOISE, TokenMeta, allowed, rule  # noqa: F401
 
-CAUSAL, FULL, NOISE = 0, 1, 2
 IMPLS = ("dense", "chunked", "pallas", "auto")
 _NEG = -1e30  # finite "minus infinity": fully masked rows never produce NaN
-
-
-class TokenMeta(NamedTuple):
-    """Per-token attention metadata, each int32 ``[B, T]`` (docs/interfaces.md §1)."""
-
-    doc: jax.Array
-    split: jax.Array
-    mode: jax.Array
-    order: jax.Array
-
-    @classmethod
-    def from_batch(cls, batch) -> "TokenMeta":
-        return cls(batch["doc"], batch["split"], batch["mode"], batch["order"])
-
-    def slice(self, start: int, stop: int) -> "TokenMeta":
-        return TokenMeta(*(a[:, start:stop] for a in self))
-
-    def concat(self, other: "TokenMeta") -> "TokenMeta":
-        return TokenMeta(*(jnp.concatenate([a, b], axis=1) for a, b in zip(self, other)))
-
-    def pad(self, n: int) -> "TokenMeta":
-        """Append ``n`` pad tokens (doc = split = -1)."""
-        if n == 0:
-            return self
-        b = self.doc.shape[0]
-        fill = jnp.full((b, n), -1, self.doc.dtype)
-        zero = jnp.zeros((b, n), self.doc.dtype)
-        return TokenMeta(*(jnp.concatenate([a, f], axis=1) for a, f in zip(self, (fill, fill, zero, zero))))
-
-
-def rule(qd, qs, qm, qo, kd, ks, km, ko):
-    """The §2.4 rule on broadcastable query fields (doc, split, mode, order) and key fields: the one
-    definition that ``allowed`` and the Pallas kernel (sgt_jax/models/kernels) both evaluate."""
-    same_split = qs == ks
-    visible = (ko <= qo) | (same_split & (qm != CAUSAL))
-    hidden_noise = (km == NOISE) & ~same_split
-    return (qd >= 0) & (kd >= 0) & (qd == kd) & visible & ~hidden_noise
-
-
-def allowed(q: TokenMeta, k: TokenMeta) -> jax.Array:
-    """Boolean ``[B, Tq, Tk]``: may query i attend to key j (the §2.4 rule)."""
-    return rule(*(a[:, :, None] for a in q), *(a[:, None, :] for a in k))
 
 
 def _group(q: jax.Array, num_kv: int) -> jax.Array:
@@ -245,7 +204,6 @@ def pallas_attention(q, k, v, q_meta: TokenMeta, k_meta: TokenMeta, *, blocks: t
     elsewhere (slow; tests). Inside the train step (``layers.kernel_sharding`` set) it runs under
     ``shard_map`` (a Mosaic kernel is not partitioned automatically): batch and heads split as the
     activation rules say for q/k/v, the sequence whole on each device."""
-    from sgt_jax.models.kernels import flash_bagel
 
     _check(q, k, v, q_meta, k_meta)
     run = functools.partial(flash_bagel.flash_attention, block_q=int(blocks[0]), block_k=int(blocks[1]),

@@ -5,7 +5,7 @@ array or a function of the (query, key) *positions*, plus segment ids compared f
 depends on four per-token fields of physically reordered tokens (doc, split, mode, order) that change
 every step, so it fits neither. tokamax's dynamic splash takes the mask as a dense ``[Tq, Tk]`` array
 (O(T²) memory per call). Here the kernel receives the metadata blocks and evaluates
-``attention.rule`` per (query block, key block) itself.
+``mask_rule.rule`` per (query block, key block) itself.
 
 Structure (the splash idea, with a mask that is data):
 - ``block_liveness``: ``[B, nq, nk]`` bool, True where any (query, key) pair of the block pair is allowed,
@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from sgt_jax.models.attention import TokenMeta, rule
+from sgt_jax.models.mask_rule import TokenMeta, rule
 
 _NEG = -1e30  # as attention._NEG: finite, fully masked rows never produce NaN
 _LANES = 128

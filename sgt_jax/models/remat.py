@@ -15,7 +15,9 @@
 HBM headroom asked for (sgt_jax/compile.py). ``full`` is the 7B default. Tags are placed with
 ``jax.ad_checkpoint.checkpoint_name`` in qwen2_mot.py (``qkv``, ``attn_out``) and layers.py ``SwiGLU``
 (``mlp_in``); the ViT layers carry no tags, so the tag-based policies rematerialise them fully.
-Offloading needs a backend with ``pinned_host`` memory (TPU; not every CPU/GPU build).
+Offloading needs a backend with ``pinned_host`` memory (TPU; not every CPU/GPU build). The offload policies
+are experimental: on the CPU backend their gradients differ from the no-remat gradients by ~10 % (a known,
+unexplained failure, kept as a strict xfail test), so the search does not try them.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from typing import Callable
 import jax
 
 POLICIES = ("none", "full", "dots", "dots_no_batch", "qkv_out", "qkv_out_offload_mlp", "offload_qkv_out")
-SEARCH_ORDER = ("dots", "qkv_out_offload_mlp", "dots_no_batch", "qkv_out", "offload_qkv_out", "full")
+# The two offload policies are left out of the search: their gradients differ from the no-remat ones on the
+# CPU backend (tests/unit/test_qwen2_mot.py, a strict xfail) and they are not verified on TPU yet.
+SEARCH_ORDER = ("dots", "dots_no_batch", "qkv_out", "full")
 
 
 def _policy(name: str):

@@ -260,19 +260,19 @@ def test_remat_search_keeps_the_first_policy_with_headroom(libtpu):
         policy = str(config.model.remat_policy)
         tried.append(policy)
         # replicated fp32 input + output per chip: 8 bytes per element
-        n = {"dots": 2**31, "qkv_out_offload_mlp": int(0.95 * spec.chip.hbm_bytes / 8)}.get(policy, 2**20)
+        n = {"dots": 2**31, "dots_no_batch": int(0.95 * spec.chip.hbm_bytes / 8)}.get(policy, 2**20)
         x = jax.ShapeDtypeStruct((n,), jnp.float32, sharding=NamedSharding(mesh, P()))
         extra = (lambda a: (a * 2, a + 1, a * 3, a - 1)) if policy == "dots" else (lambda a: a + 1)
         return jax.jit(extra), (x,)
 
     rep = C.search_remat(cfg, headroom=0.1, devices=devices, spec=spec, builder=builder)
-    assert tried == ["dots", "qkv_out_offload_mlp", "dots_no_batch"]
-    assert rep["chosen"] == "dots_no_batch" and rep["remat_policy"] == "dots_no_batch"
+    assert tried == ["dots", "dots_no_batch", "qkv_out"]
+    assert rep["chosen"] == "qkv_out" and rep["remat_policy"] == "qkv_out"
     assert [(t["policy"], t["fits"]) for t in rep["remat_search"]] == [
-        ("dots", False), ("qkv_out_offload_mlp", True), ("dots_no_batch", True)]
+        ("dots", False), ("dots_no_batch", True), ("qkv_out", True)]
     assert rep["remat_search"][1]["hbm_fraction"] > 0.9
     text = C.format_report(rep)
-    assert "dots_no_batch" in text and "<- chosen" in text and "compiler OOM" in text
+    assert "qkv_out" in text and "<- chosen" in text and "compiler OOM" in text
     tried.clear()
     rep = C.search_remat(cfg, headroom=0.1, candidates=("dots",), devices=devices, spec=spec, builder=builder)
     assert rep["chosen"] is None and "no policy fits with 10% HBM headroom" in C.format_report(rep)

@@ -20,6 +20,7 @@ from sgt_jax.checkpoint.table import ConversionError
 from sgt_jax.configs_util import load_config
 from sgt_jax.mode_args import ModeArgs
 from sgt_jax.models.bagel import abstract_params
+from tests.fixtures.compare import assert_same_safetensors
 from tests.fixtures.bagel_folder import (BF16, ema_key_shapes, flux_ae_key_shapes, sincos_bf16, write_bagel_folder,
                                          write_random)
 
@@ -48,19 +49,10 @@ def test_import_copies_tokenizer_files_into_the_workdir(roundtrip):
         assert json.load(a) == json.load(b)
 
 
-def _bits(a):
-    return a.view(np.uint16) if a.dtype == BF16 else a.view(np.uint8)
-
-
 @pytest.mark.parametrize("name", ["ema.safetensors", "ae.safetensors"])
 def test_cli_round_trip_is_bit_identical(roundtrip, name):
     src, _, out = roundtrip
-    with safe_open(os.path.join(src, name), "numpy") as a, safe_open(os.path.join(out, name), "numpy") as b:
-        assert sorted(a.keys()) == sorted(b.keys())
-        for k in a.keys():
-            x, y = a.get_tensor(k), b.get_tensor(k)
-            assert x.dtype == y.dtype and x.shape == y.shape, k
-            np.testing.assert_array_equal(_bits(x), _bits(y), err_msg=k)
+    assert_same_safetensors(os.path.join(src, name), os.path.join(out, name))
     if name == "ema.safetensors":
         assert {v.dtype for v in safetensors_io.read_header(os.path.join(out, name)).values()} == {"BF16"}
 

@@ -12,7 +12,6 @@ import os
 
 import numpy as np
 import pytest
-from safetensors import safe_open
 
 from sgt_jax.checkpoint import qwen2_5_vl_folder as qf
 from sgt_jax.checkpoint import qwen2_5_vl_table as qt
@@ -20,6 +19,7 @@ from sgt_jax.checkpoint import safetensors_io
 from sgt_jax.checkpoint.table import flatten_paths
 from sgt_jax.configs_util import load_config
 from sgt_jax.models.qwen2_5_vl import config as qwen_config
+from tests.fixtures.compare import assert_same_safetensors
 from tests.fixtures.qwen2_5_vl_folder import key_shapes, write_qwen2_5_vl_folder
 
 
@@ -39,10 +39,6 @@ def test_table_matches_the_fixture_listing(layout, tied):
     assert qt.expected_keys(big, layout, with_lm_head=False) == listing
     # Qwen2.5-VL-3B: 3.75 B parameters (tied head counted once)
     assert sum(int(np.prod(s)) for s in listing.values()) == 3_754_622_976
-
-
-def _bits(a):
-    return a.view(np.uint16) if a.dtype.itemsize == 2 else a.view(np.uint32)
 
 
 @pytest.mark.parametrize("layout,shards,lm_head", [("legacy", 2, True), ("current", 1, False)])
@@ -68,12 +64,7 @@ def test_import_export_round_trip_bit_identical(tmp_path, run_config, layout, sh
     assert sorted(n for n in os.listdir(out) if n.endswith(".safetensors")) == src_files
     assert os.path.exists(os.path.join(out, qf.INDEX)) == (shards > 1)
     for name in src_files:
-        with safe_open(os.path.join(src, name), "numpy") as a, safe_open(os.path.join(out, name), "numpy") as b:
-            assert sorted(a.keys()) == sorted(b.keys())
-            for k in a.keys():
-                x, y = a.get_tensor(k), b.get_tensor(k)
-                assert x.dtype == y.dtype and x.shape == y.shape, k
-                np.testing.assert_array_equal(_bits(x), _bits(y), err_msg=k)
+        assert_same_safetensors(os.path.join(src, name), os.path.join(out, name))
     assert ("lm_head.weight" in qf.open_folder(out).header) == lm_head
     with open(os.path.join(src, "config.json")) as a, open(os.path.join(out, "config.json")) as b:
         assert json.load(a) == json.load(b)

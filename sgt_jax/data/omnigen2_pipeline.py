@@ -5,9 +5,9 @@
     batch = next(it)      # dict of numpy arrays, leading dim data.packs_per_batch // process_count rows
     it.get_state() / it.set_state(state) / it.stats()
 
-The quota is exact per batch: every process's batch holds ``rows * seg / (seg + vqa)`` segmentation rows
-then the VQA rows (``config.data.quota``, mode "samples"; 2:1 for SGT, the reference's interleave of
-[gen, gen, sft] micro-batches). A bad sample (decode, plan, budget) is skipped and counted by reason, and
+The quota is exact per batch: every process's batch holds ``rows * seg / (seg + vqa)`` segmentation rows,
+in groups of the quota's pattern ([seg, seg, vqa] for SGT's 2:1, the reference's interleave of
+[gen, gen, sft] micro-batches), so micro-batches of rows j, j+K, ... with K a multiple of 3 are single-task. A bad sample (decode, plan, budget) is skipped and counted by reason, and
 the stream's next sample takes its place. The state is the two stream positions and the counters: a
 restored iterator gives exactly the batches of an uninterrupted run.
 """
@@ -78,6 +78,8 @@ class TrainIterator:
             raise ValueError(f"bad process_index {process_index} / process_count {process_count}")
         self.process_index, self.process_count = process_index, process_count
         self.rows = rows_per_group(config, process_count)
+        self.quota = {g: int(config.data.quota[g]) for g in GROUPS}
+        self.groups = sum(self.rows.values()) // sum(self.quota.values())
         srcs = sources if sources is not None else pipeline.default_sources(config)
         tok = get_tokenizer(config)
         for g, n in self.rows.items():
@@ -102,8 +104,13 @@ class TrainIterator:
         raise RuntimeError(f"{MAX_CONSECUTIVE_SKIPS} consecutive bad {group} samples: check the data source "
                            f"(skips so far: {self.skipped[group].as_dict()})")
 
+    def _pattern(self) -> list[str]:
+        """The rows' groups: the quota's group ([seg] x q.seg + [vqa] x q.vqa) repeated, so that a
+        micro-batch of rows j, j+K, ... (K a multiple of the group size) holds one task only."""
+        return ([g for g in GROUPS for _ in range(self.quota[g])]) * self.groups
+
     def __next__(self) -> dict:
-        rows = [self._pull(g) for g in GROUPS for _ in range(self.rows[g])]
+        rows = [self._pull(g) for g in self._pattern()]
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != "index"}
         self.totals["batches"] += 1
         for g in GROUPS:

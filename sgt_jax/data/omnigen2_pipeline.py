@@ -14,18 +14,16 @@ restored iterator gives exactly the batches of an uninterrupted run.
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from sgt_jax.data import omnigen2_plan, pipeline, records, templates
 from sgt_jax.data.bad_data import SkipCounter
+from sgt_jax.data.mixing import pull_valid
 from sgt_jax.data.records import BadSample
 from sgt_jax.data.tokenizer import get_tokenizer
 
 STATE_VERSION = 1
 GROUPS = ("seg", "vqa")
-MAX_CONSECUTIVE_SKIPS = 1000
 
 
 class PlanFn:
@@ -94,15 +92,7 @@ class TrainIterator:
         return self
 
     def _pull(self, group: str) -> dict:
-        for _ in range(MAX_CONSECUTIVE_SKIPS):
-            el = self.streams[group].next()
-            if "skip" in el:
-                self.skipped[group].add_skip(BadSample(el["skip"], el.get("detail", "")))
-                continue
-            self.skipped[group].add_ok()
-            return el
-        raise RuntimeError(f"{MAX_CONSECUTIVE_SKIPS} consecutive bad {group} samples: check the data source "
-                           f"(skips so far: {self.skipped[group].as_dict()})")
+        return pull_valid(self.streams[group], self.skipped[group], group)
 
     def _pattern(self) -> list[str]:
         """The rows' groups: the quota's group ([seg] x q.seg + [vqa] x q.vqa) repeated, so that a
@@ -123,16 +113,8 @@ class TrainIterator:
                 "skipped": {g: c.as_dict() for g, c in self.skipped.items()}, "totals": dict(self.totals)}
 
     def set_state(self, state: dict) -> None:
-        state = json.loads(json.dumps(state))
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"OmniGen2 data iterator state version {state.get('version')} != {STATE_VERSION}")
-        if (state["process_index"], state["process_count"]) != (self.process_index, self.process_count):
-            raise ValueError(f"data iterator state is for process {state['process_index']}/{state['process_count']}"
-                             f", this is {self.process_index}/{self.process_count}")
-        if set(state["positions"]) != set(self.streams):
-            raise ValueError(f"state streams {sorted(state['positions'])} != configured {sorted(self.streams)}")
-        for g, pos in state["positions"].items():
-            self.streams[g].set_pos(pos)
+        state = pipeline.restore_positions(state, STATE_VERSION, self.process_index, self.process_count,
+                                           self.streams)
         self.skipped = {g: SkipCounter() for g in self.streams}
         for g, d in state["skipped"].items():
             self.skipped[g].merge(d)

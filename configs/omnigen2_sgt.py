@@ -62,7 +62,7 @@ def _mllm(variant):
 
 
 def _model(variant):
-    from sgt_jax.models import omnigen2_dit  # noqa: F401  (configs run from a checkout or an install)
+    from sgt_jax.models import omnigen2_dit  # the released / tiny DiT configs live with the model
 
     big = variant == "3b"
     m = ml_collections.ConfigDict()

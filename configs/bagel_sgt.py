@@ -19,6 +19,7 @@ VARIANTS = ("7b", "tiny", "small")
 
 def _model_7b():
     m = ml_collections.ConfigDict()
+    m.family = "bagel"  # configs/omnigen2_sgt.py: "omnigen2"
     m.llm = ml_collections.ConfigDict(
         dict(
             hidden_size=3584,

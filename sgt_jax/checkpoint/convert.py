@@ -250,7 +250,7 @@ def run_import(config, args) -> int:
 
 def run_import_omnigen2(config, args) -> int:
     """``--mode import`` of an OmniGen2 folder: transformer/, vae/ and mllm/ -> ``<workdir>/params``
-    (``{"transformer", "vae", "mllm"}``) + params_meta.json (sgt_jax/checkpoint/omnigen2_folder.py)."""
+    (``{"dit", "vae", "mllm"}``: the DiT of ``transformer/`` under ``dit``, as in sgt_jax/models/omnigen2.py) + params_meta.json (sgt_jax/checkpoint/omnigen2_folder.py)."""
     from sgt_jax.checkpoint import omnigen2_folder, store
 
     params, _, _, meta = omnigen2_folder.import_folder(args.source, config)

@@ -209,6 +209,9 @@ def _attention_set(config, args):
 def evaluate_mode(config, args) -> dict:
     """--mode evaluate; returns the result of the chosen kind."""
     e = config.evaluate
+    if e.preset and str(config.model.family) != "bagel":
+        raise ValueError(f"config.evaluate.preset={e.preset!r} sets BAGEL's official GenEval settings; "
+                         f"config.model.family={config.model.family!r} has no preset (set generate.omnigen2.*)")
     if e.preset:  # before anything reads the fields it sets (the model too: model.pos_table_dtype)
         print("\n".join(presets.apply_preset(config, str(e.preset), args.weights, args.input)))
     if e.kind not in EVAL_KINDS:

@@ -75,7 +75,7 @@ def _model(variant):
     m.mllm = _mllm(variant)
     m.dit = omnigen2_dit.released_config() if big else omnigen2_dit.tiny_config()
     if not big:
-        m.dit.update(dict(in_channels=4, out_channels=4, axes_lens=(1024, 64, 64)))
+        m.dit.update(dict(in_channels=4, out_channels=4, axes_lens=(256, 256, 256)))  # text ids use all 3 axes
     m.dit.text_feat_dim = m.mllm.text.hidden_size  # the DiT reads the MLLM's last hidden states
     for sub in (m.mllm, m.dit):
         for k in ("dtype", "param_dtype", "scan_layers", "remat_policy"):
@@ -113,18 +113,20 @@ def get_config(variant: str = "3b") -> ml_collections.ConfigDict:
     d.tokenizer = "synthetic" if not big else ""
     # OmniGen2's sample plan (sgt_jax/data/omnigen2_plan.py): one sample per batch row, static budgets.
     d.omnigen2 = ml_collections.ConfigDict(dict(
-        system_prompt=SYSTEM_PROMPT,
-        # per sample: prompt+answer tokens, Qwen vision patches (a multiple of 4), target latent tokens (the
-        # DiT's 2x2 patches of the VAE latent). 3b: 1280*28^2 pixels = 5120 patches -> 1280 image tokens;
-        # the target <= 1024^2 -> 4096 latent tokens.
+        system_prompt=SYSTEM_PROMPT,  # segmentation rows (the reference's, for both task kinds)
+        vqa_system_prompt="You are a helpful assistant.",  # VQA rows: Qwen2.5-VL's own chat template
+        # Per-sample budgets: prompt+answer tokens, Qwen vision patches (a multiple of 4; 3b: 1280*28^2
+        # pixels = 5120 patches -> 1280 image tokens), CE labels. A sample over a budget is skipped and
+        # counted (over_budget).
         text_tokens=2048 if big else 96,
         vit_patches=5120 if big else 16,
-        target_tokens=4096 if big else 64,
-        # the mask target: downscale only, Lanczos (OmniGen2ImageProcessor), <= target_max_pixels and
-        # <= target_max_side, sides floored to a multiple of target_multiple (3b: 16; tiny: 4 = the
-        # VAE stride x the DiT patch)
+        ce_labels=1024 if big else 32,
+        # The target: downscale only, <= target_max_pixels and <= target_max_side per side (the square
+        # canvas the VAE encodes), sides floored to target_multiple (a multiple of VAE stride x DiT
+        # patch: 16 for 3b, 4 for tiny). The reference allows sides up to 2048 at <= 1024^2 pixels; a
+        # fixed 1024^2 canvas keeps shapes static (landscape targets get <= 1024 per side).
         target_max_pixels=1024 * 1024 if big else 32 * 32,
-        target_max_side=2048 if big else 64,
+        target_max_side=1024 if big else 32,
         target_multiple=16 if big else 4,
     ))
 

@@ -139,11 +139,13 @@ def _own(el: dict) -> dict:
     return out
 
 
-def build_stream(config, source, group: str, process_index: int, process_count: int, tokenizer=None) -> Stream:
-    """The stream of ``group`` over ``source`` (len + __getitem__ raw records + decode)."""
+def build_stream(config, source, group: str, process_index: int, process_count: int, tokenizer=None,
+                 plan_fn=None) -> Stream:
+    """The stream of ``group`` over ``source`` (len + __getitem__ raw records + decode). ``plan_fn``: the
+    map step's class (same constructor as PlanFn; default PlanFn, BAGEL's plans)."""
     if len(source) == 0:
         raise ValueError(f"the {group} source {source!r} is empty")
-    fn = PlanFn(config, source, group, process_index, process_count, tokenizer)
+    fn = (plan_fn or PlanFn)(config, source, group, process_index, process_count, tokenizer)
     ds = grain.MapDataset.source(source).shuffle(seed=int(config.data.seed) + _GROUP_SEED[group]).repeat()
     ds = ds[process_index::process_count].map_with_index(fn)
     return Stream(ds, int(config.data.workers), int(config.data.worker_buffer))

@@ -57,6 +57,10 @@ class OmniGen2(nnx.Module):
         the input of ``self.mllm.logits`` for the labelled positions."""
         return self.mllm.hidden_states(tokens, positions, doc, vision=vision, vision_index=vision_index)
 
+    def lm_logits(self, h):
+        """The MLLM's LM head on hidden states (fp32 logits): the CE of VQA rows."""
+        return self.mllm.logits(h)
+
     def velocity(self, x_tokens, x_hw, t, hidden, text_mask, ref_tokens=None, ref_hw=None, *, max_len=None):
         """The DiT's velocity for noisy target tokens given the MLLM hidden states (``mllm_condition``
         clips the condition to the rotary tables: its last ``axes_lens[0] - 128`` positions)."""

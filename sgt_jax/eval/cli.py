@@ -35,6 +35,7 @@ from sgt_jax.eval.features import FeatureExtractor
 from sgt_jax.eval.lexicon import load_lexicon
 from sgt_jax.eval.probe import probe_report
 from sgt_jax.sampling.cli import generate_one, load_image, make_inferencer, save_png
+from sgt_jax.train.family import family
 
 EVAL_KINDS = ("mcq", "geneval", "probe", "attention")
 SEG_SOURCES = ("synthetic", "data")
@@ -209,14 +210,14 @@ def _attention_set(config, args):
 def evaluate_mode(config, args) -> dict:
     """--mode evaluate; returns the result of the chosen kind."""
     e = config.evaluate
-    if e.preset and str(config.model.family) != "bagel":
+    if e.preset and family(config) != "bagel":
         raise ValueError(f"config.evaluate.preset={e.preset!r} sets BAGEL's official GenEval settings; "
                          f"config.model.family={config.model.family!r} has no preset (set generate.omnigen2.*)")
     if e.preset:  # before anything reads the fields it sets (the model too: model.pos_table_dtype)
         print("\n".join(presets.apply_preset(config, str(e.preset), args.weights, args.input)))
     if e.kind not in EVAL_KINDS:
         raise ValueError(f"config.evaluate.kind must be one of {EVAL_KINDS}, got {e.kind!r}")
-    if e.kind in ("probe", "attention") and str(config.model.family) != "bagel":
+    if e.kind in ("probe", "attention") and family(config) != "bagel":
         raise ValueError(f"config.evaluate.kind={e.kind} reads BAGEL's ViT and LLM internals; for "
                          f"config.model.family={config.model.family!r} use mcq or geneval")
     if e.kind in ("mcq", "geneval") and not args.input:

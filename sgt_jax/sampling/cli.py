@@ -23,6 +23,7 @@ from sgt_jax.data.tokenizer import get_tokenizer
 from sgt_jax.sampling import flow
 from sgt_jax.sampling.inference import Inferencer
 from sgt_jax.sampling.loading import inference_config, load_model
+from sgt_jax.train.family import family
 
 
 def load_image(path: str) -> np.ndarray:
@@ -89,7 +90,7 @@ def make_inferencer(config, args):
     """Load weights (sgt_jax/sampling/loading.py) and the tokenizer; print where they came from. An
     OmniGen2 config (``config.model.family``) gives an ``OmniGen2Inferencer`` with the same entry points."""
     t0 = time.time()
-    if str(config.model.family) == "omnigen2":
+    if family(config) == "omnigen2":
         from sgt_jax.sampling.omnigen2_inference import OmniGen2Inferencer, tokenizer_for
 
         config = inference_config(config, args.workdir)

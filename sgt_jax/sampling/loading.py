@@ -22,6 +22,7 @@ from flax import nnx
 from sgt_jax.checkpoint import store
 from sgt_jax.models.bagel import abstract_bagel, abstract_params
 from sgt_jax.parallel.mesh import logical_rules, make_mesh
+from sgt_jax.train.family import family
 
 
 COMPUTE_FIELDS = ("dtype", "param_dtype", "attention_impl", "attention_chunk", "remat_policy", "scan_layers")
@@ -31,11 +32,11 @@ def abstract_model_and_params(config):
     """(abstract model, pure-dict of ShapeDtypeStructs with shardings, mesh): a Bagel, or the OmniGen2
     assembly (sgt_jax/models/omnigen2.py) when ``config.model.family == "omnigen2"``."""
     mesh = make_mesh(config.mesh)
-    if str(config.model.family) == "omnigen2":
-        from sgt_jax.models.omnigen2 import OmniGen2
+    if family(config) == "omnigen2":
         from sgt_jax.parallel.sharding import abstract_params_of
+        from sgt_jax.train.family import model_fn
 
-        build = lambda: OmniGen2(config.model, rngs=nnx.Rngs(0))  # noqa: E731
+        build = lambda: model_fn(config, with_vae=True)(nnx.Rngs(0))  # noqa: E731
         with nnx.use_eager_sharding(False):
             abstract = nnx.eval_shape(build)
         return abstract, abstract_params_of(build, mesh=mesh, rules=logical_rules(config)), mesh
@@ -49,7 +50,7 @@ def with_imported_architecture(config, workdir: str):
     are those (compute settings as imported). Other configs and workdirs: ``config`` unchanged."""
     import copy
 
-    if str(config.model.family) != "omnigen2" or not os.path.isdir(os.path.join(workdir, store.PARAMS_DIR)):
+    if family(config) != "omnigen2" or not os.path.isdir(os.path.join(workdir, store.PARAMS_DIR)):
         return config
     meta = store.read_params_meta(workdir)
     if meta.get("family") != "omnigen2":

@@ -7,11 +7,17 @@ import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="needs the [torch] extra")
-pytest.importorskip("transformers", reason="needs the [torch] extra")
+transformers = pytest.importorskip("transformers", reason="needs the [torch] extra")
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from sgt_jax.checkpoint import qwen2_5_vl_table as table  # noqa: E402
 from sgt_jax.data import qwen_vl_image  # noqa: E402
+from sgt_jax.models import qwen2_5_vl as qvl  # noqa: E402
 from sgt_jax.sampling import qwen_decode  # noqa: E402
-from tests.parity.test_qwen2_5_vl_vs_hf import build  # noqa: E402
+from tests.fixtures.qwen2_5_vl_folder import hf_config  # noqa: E402
 
 PIX = dict(min_pixels=56 * 56, max_pixels=112 * 112)
 NEW = 8
@@ -19,8 +25,17 @@ NEW = 8
 
 @pytest.fixture(scope="module")
 def models():
-    cfg, hf, model = build(tied=True)
-    return cfg, hf, qwen_decode.QwenEngine(model, cfg)
+    """test_qwen2_5_vl_vs_hf's tiny random model, its weights put into an abstract model (no eager init)."""
+    cfg = qvl.config("tiny")
+    torch.manual_seed(0)
+    hf = transformers.Qwen2_5_VLForConditionalGeneration(hf_config(cfg)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            p.copy_(1.0 + 0.2 * torch.randn_like(p) if "norm" in name or "ln_q" in name else 0.1 * torch.randn_like(p))
+    params = table.state_dict_to_params({k: v.detach().numpy() for k, v in hf.state_dict().items()}, cfg)
+    graphdef, state, rest = nnx.split(nnx.eval_shape(lambda: qvl.Qwen2_5_VL(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+    return cfg, hf, qwen_decode.QwenEngine(nnx.merge(graphdef, state, rest), cfg)
 
 
 def hf_generate(hf, cfg, p, images):

@@ -62,7 +62,7 @@ def _mllm(variant):
 
 
 def _model(variant):
-    from sgt_jax.models import omnigen2_dit  # noqa: F401  (configs run from a checkout or an install)
+    from sgt_jax.models import omnigen2_dit  # the released / tiny DiT configs live with the model
 
     big = variant == "3b"
     m = ml_collections.ConfigDict()
@@ -149,6 +149,11 @@ def get_config(variant: str = "3b") -> ml_collections.ConfigDict:
         lr=5e-6 if big else 1e-3, warmup_steps=300 if big else 2, schedule="constant", min_lr=0.0,
         b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.01, clip_norm=1.0, mu_dtype="float32"))
     c.checkpoint.every = 250 if big else 10
+    # compile mode: keep data.packs_per_batch (samples per step) as set; the BAGEL attention live-block
+    # fractions do not apply (OmniGen2's attention is not block-skipped)
+    c.compile.packs_per_chip = 0
+    c.compile.attention_live_fraction = 0.0
+    c.compile.vit_live_fraction = 0.0
     c.mesh.max_replicated_fraction = 0.02 if big else 0.5
     # Logical rules: BAGEL's table plus the DiT's names. Qwen2.5-VL-3B has 2 KV heads and the DiT 7 KV /
     # 21 query heads: neither divides a tensor axis of 4 or 8, so the 3b recipe shards by fsdp only

@@ -5,27 +5,25 @@
     batch = next(it)      # dict of numpy arrays, leading dim data.packs_per_batch // process_count rows
     it.get_state() / it.set_state(state) / it.stats()
 
-The quota is exact per batch: every process's batch holds ``rows * seg / (seg + vqa)`` segmentation rows
-then the VQA rows (``config.data.quota``, mode "samples"; 2:1 for SGT, the reference's interleave of
-[gen, gen, sft] micro-batches). A bad sample (decode, plan, budget) is skipped and counted by reason, and
+The quota is exact per batch: every process's batch holds ``rows * seg / (seg + vqa)`` segmentation rows,
+in groups of the quota's pattern ([seg, seg, vqa] for SGT's 2:1, the reference's interleave of
+[gen, gen, sft] micro-batches), so micro-batches of rows j, j+K, ... with K a multiple of 3 are single-task. A bad sample (decode, plan, budget) is skipped and counted by reason, and
 the stream's next sample takes its place. The state is the two stream positions and the counters: a
 restored iterator gives exactly the batches of an uninterrupted run.
 """
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from sgt_jax.data import omnigen2_plan, pipeline, records, templates
 from sgt_jax.data.bad_data import SkipCounter
+from sgt_jax.data.mixing import pull_valid
 from sgt_jax.data.records import BadSample
 from sgt_jax.data.tokenizer import get_tokenizer
 
 STATE_VERSION = 1
 GROUPS = ("seg", "vqa")
-MAX_CONSECUTIVE_SKIPS = 1000
 
 
 class PlanFn:
@@ -78,6 +76,8 @@ class TrainIterator:
             raise ValueError(f"bad process_index {process_index} / process_count {process_count}")
         self.process_index, self.process_count = process_index, process_count
         self.rows = rows_per_group(config, process_count)
+        self.quota = {g: int(config.data.quota[g]) for g in GROUPS}
+        self.groups = sum(self.rows.values()) // sum(self.quota.values())
         srcs = sources if sources is not None else pipeline.default_sources(config)
         tok = get_tokenizer(config)
         for g, n in self.rows.items():
@@ -92,18 +92,15 @@ class TrainIterator:
         return self
 
     def _pull(self, group: str) -> dict:
-        for _ in range(MAX_CONSECUTIVE_SKIPS):
-            el = self.streams[group].next()
-            if "skip" in el:
-                self.skipped[group].add_skip(BadSample(el["skip"], el.get("detail", "")))
-                continue
-            self.skipped[group].add_ok()
-            return el
-        raise RuntimeError(f"{MAX_CONSECUTIVE_SKIPS} consecutive bad {group} samples: check the data source "
-                           f"(skips so far: {self.skipped[group].as_dict()})")
+        return pull_valid(self.streams[group], self.skipped[group], group)
+
+    def _pattern(self) -> list[str]:
+        """The rows' groups: the quota's group ([seg] x q.seg + [vqa] x q.vqa) repeated, so that a
+        micro-batch of rows j, j+K, ... (K a multiple of the group size) holds one task only."""
+        return ([g for g in GROUPS for _ in range(self.quota[g])]) * self.groups
 
     def __next__(self) -> dict:
-        rows = [self._pull(g) for g in GROUPS for _ in range(self.rows[g])]
+        rows = [self._pull(g) for g in self._pattern()]
         batch = {k: np.stack([r[k] for r in rows]) for k in rows[0] if k != "index"}
         self.totals["batches"] += 1
         for g in GROUPS:
@@ -116,16 +113,8 @@ class TrainIterator:
                 "skipped": {g: c.as_dict() for g, c in self.skipped.items()}, "totals": dict(self.totals)}
 
     def set_state(self, state: dict) -> None:
-        state = json.loads(json.dumps(state))
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"OmniGen2 data iterator state version {state.get('version')} != {STATE_VERSION}")
-        if (state["process_index"], state["process_count"]) != (self.process_index, self.process_count):
-            raise ValueError(f"data iterator state is for process {state['process_index']}/{state['process_count']}"
-                             f", this is {self.process_index}/{self.process_count}")
-        if set(state["positions"]) != set(self.streams):
-            raise ValueError(f"state streams {sorted(state['positions'])} != configured {sorted(self.streams)}")
-        for g, pos in state["positions"].items():
-            self.streams[g].set_pos(pos)
+        state = pipeline.restore_positions(state, STATE_VERSION, self.process_index, self.process_count,
+                                           self.streams)
         self.skipped = {g: SkipCounter() for g in self.streams}
         for g, d in state["skipped"].items():
             self.skipped[g].merge(d)

@@ -78,6 +78,11 @@ class PlanConfig:
                   int(m.mllm.min_pixels), int(m.mllm.max_pixels), int(v.patch_size), int(v.temporal_patch_size),
                   int(v.spatial_merge_size), int(v.window_size), int(m.mllm.tokens.image), int(m.mllm.tokens.pad),
                   stride)
+        vocab = int(m.mllm.text.vocab_size)
+        bad = {k: int(v) for k, v in m.mllm.tokens.items() if not 0 <= int(v) < vocab}
+        if bad:
+            raise ValueError(f"config.model.mllm.tokens {bad} lie outside the vocabulary of {vocab} "
+                             "(config.model.mllm.text.vocab_size)")
         if out.target_multiple % stride or out.target_max_side % out.target_multiple:
             raise ValueError(f"config.data.omnigen2.target_multiple={out.target_multiple} must be a multiple of the "
                              f"VAE stride x DiT patch ({stride}) and divide target_max_side={out.target_max_side}")
@@ -178,6 +183,19 @@ class _Row:
                                          valid=valid[None])[0]
         return dict(vision_index=index, vit_patches=qplan.gather_patches(pixels, pack["source"]),
                     vit_image=pack["image_id"], vit_window=pack["window_id"], vit_hw=pack["pos_hw"])
+
+
+def padding_row(pc: PlanConfig) -> dict:
+    """A row of zeros with every key, shape and dtype of a real row (compile mode's abstract batch)."""
+    t, p, n_ce, s = pc.text_tokens, pc.vit_patches, pc.ce_labels, pc.target_max_side
+    d = 3 * pc.temporal_patch_size * pc.patch_size ** 2
+    i32 = np.int32
+    return dict(tokens=np.zeros(t, i32), doc=np.zeros(t, i32), mrope=np.zeros((3, t), i32),
+                vision_index=np.zeros(t, i32), vit_patches=np.zeros((p, d), np.float32),
+                vit_image=np.zeros(p, i32), vit_window=np.zeros(p, i32), vit_hw=np.zeros((p, 2), i32),
+                ce_pos=np.zeros(n_ce, i32), ce_label=np.zeros(n_ce, i32), ce_valid=np.zeros(n_ce, bool),
+                target_images=np.zeros((s, s, 3), np.float32), target_hw=np.zeros(2, i32),
+                n_seg=np.int32(0), n_vqa=np.int32(0))
 
 
 def _target_fields(pc: PlanConfig, image: np.ndarray | None) -> dict:

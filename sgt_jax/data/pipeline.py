@@ -151,6 +151,22 @@ def build_stream(config, source, group: str, process_index: int, process_count: 
     return Stream(ds, int(config.data.workers), int(config.data.worker_buffer))
 
 
+def restore_positions(state: dict, version: int, process_index: int, process_count: int, streams: dict) -> dict:
+    """Check an iterator state's version, process and streams, set the streams' positions; returns the
+    state as JSON gives it back."""
+    state = json.loads(json.dumps(state))  # accept exactly what JSON gives back
+    if state.get("version") != version:
+        raise ValueError(f"data iterator state version {state.get('version')} != {version}")
+    if (state["process_index"], state["process_count"]) != (process_index, process_count):
+        raise ValueError(f"data iterator state is for process {state['process_index']}/{state['process_count']}"
+                         f", this is {process_index}/{process_count}")
+    if set(state["positions"]) != set(streams):
+        raise ValueError(f"state streams {sorted(state['positions'])} != configured {sorted(streams)}")
+    for grp, pos in state["positions"].items():
+        streams[grp].set_pos(pos)
+    return state
+
+
 def default_sources(config) -> dict:
     """{group: source} from ``config.data.sources`` (sgt_jax/data/sources); a VQA kind "none" is left out."""
     from sgt_jax.data.sources import build_seg_source, build_vqa_source
@@ -203,16 +219,7 @@ class TrainIterator:
         }
 
     def set_state(self, state: dict) -> None:
-        state = json.loads(json.dumps(state))  # accept exactly what JSON gives back
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data iterator state version {state.get('version')} != {STATE_VERSION}")
-        if (state["process_index"], state["process_count"]) != (self.process_index, self.process_count):
-            raise ValueError(f"data iterator state is for process {state['process_index']}/{state['process_count']}"
-                             f", this is {self.process_index}/{self.process_count}")
-        if set(state["positions"]) != set(self.streams):
-            raise ValueError(f"state streams {sorted(state['positions'])} != configured {sorted(self.streams)}")
-        for grp, pos in state["positions"].items():
-            self.streams[grp].set_pos(pos)
+        state = restore_positions(state, STATE_VERSION, self.process_index, self.process_count, self.streams)
         self.mixer.set_state(state["mixer"])
         self._eff_sum = dict(state["efficiency_sum"])
 

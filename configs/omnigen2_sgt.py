@@ -158,4 +158,19 @@ def get_config(variant: str = "3b") -> ml_collections.ConfigDict:
     # Logical rules: BAGEL's table plus the DiT's names. Qwen2.5-VL-3B has 2 KV heads and the DiT 7 KV /
     # 21 query heads: neither divides a tensor axis of 4 or 8, so the 3b recipe shards by fsdp only
     # (mesh.shape (1, -1, 1)); heads stay whole (docs/omnigen2.md).
+
+    # ---- inference: OmniGen2's sampler (sgt_jax/sampling/omnigen2_inference.py, docs/omnigen2.md
+    # "Inference"); defaults = the official inference.py (VectorSpaceLab/OmniGen2), except the negative
+    # prompt ("" = the pipeline's own default; inference.py passes a long list of defects).
+    c.generate.omnigen2 = ml_collections.ConfigDict(dict(
+        num_steps=50 if big else 3,  # Euler steps = DiT evaluations per CFG pass
+        text_guidance_scale=5.0,  # <= 1: no guidance at all
+        image_guidance_scale=2.0,  # used with reference images (editing) and a text scale > 1
+        cfg_range=(0.0, 1.0),  # guidance at step i iff lo <= i/num_steps <= hi
+        negative_prompt="",
+        max_pixels=1024 * 1024 if big else 32 * 32,  # output and reference images: at most this many pixels
+        max_input_side=1024 if big else 64,  # reference images: longest side at most this
+        align_res=True,  # one reference image: the output takes its (fitted) size
+    ))
+    c.generate.update(dict(height=1024 if big else 32, width=1024 if big else 32))  # text-to-image size
     return c

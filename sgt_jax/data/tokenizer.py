@@ -96,6 +96,10 @@ class TextTokenizer:
     def to_str(self) -> str:
         return self._tok.to_str()
 
+    def token_id(self, name: str) -> int | None:
+        """The id of a (special) token by its string, or None if the tokenizer has no such token."""
+        return self._tok.token_to_id(name)
+
 
 def _from_vocab_merges(folder: str):
     """Qwen2 BPE from vocab.json + merges.txt (+ special tokens from tokenizer_config.json)."""

@@ -19,8 +19,9 @@ ALIASES = {"cfg_model": "model", "model_cfg": "model", "train_cfg": "train", "sr
 SPECS = ["configs/bagel_sgt.py:7b", "configs/bagel_sgt.py:tiny", "configs/omnigen2_sgt.py:3b",
          "configs/omnigen2_sgt.py:tiny"]
 # Family-specific sections: a field under these may be absent from the other family's configs, but must be
-# defined in at least one config (model.llm is BAGEL's, model.mllm / data.omnigen2 OmniGen2's).
-FAMILY_SECTIONS = ("model", "data.omnigen2")
+# defined in at least one config (model.llm is BAGEL's, model.mllm / data.omnigen2 / generate.omnigen2
+# OmniGen2's).
+FAMILY_SECTIONS = ("model", "data.omnigen2", "generate.omnigen2")
 
 
 def _sources():

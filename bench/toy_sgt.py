@@ -33,13 +33,13 @@ for p in (HERE, ROOT):
 
 # Fixed before any run (docs in bench/results/toy_sgt.md). "quick" only shortens lengths and sizes.
 HP = dict(
-    vae=dict(steps=1500, batch=16, lr=1e-3, kl_weight=1e-6, eval_n=64),
-    base=dict(steps=1000, lr=5e-4, warmup=50, n_vqa=2, n_gen=4),
-    arms=dict(steps=300, lr=1e-4, warmup=10, n_vqa=1),
+    vae=dict(steps=400, batch=16, lr=1e-3, kl_weight=1e-6, eval_n=64),
+    base=dict(steps=800, lr=5e-4, warmup=50, n_vqa=2, n_gen=4),
+    arms=dict(steps=120, lr=2e-4, warmup=10, n_vqa=1),
     common=dict(clip_norm=1.0, b1=0.9, b2=0.95, weight_decay=0.0, ce_weight=1.5, mse_weight=1.0,
-                timestep_shift=1.0, text_cond_dropout=0.1, ema_decay=0.0, checkpoint_every=100),
+                timestep_shift=1.0, text_cond_dropout=0.1, ema_decay=0.0, checkpoint_every=40),
     seeds=3,
-    eval=dict(mcq_per_kind=60, geneval_prompts=40, seg_images=24, probe_images=40, attn_prompts=4,
+    eval=dict(mcq_per_kind=60, geneval_prompts=24, seg_images=16, probe_images=40, attn_prompts=4,
               num_timesteps=12),
 )
 QUICK = dict(

@@ -2,7 +2,9 @@
 
 Every cost is a difference of process CPU time between two runs that differ only in length (so start-up,
 checkpoint restore and compilation cancel out), divided by the difference in length; the first run of a
-kind also gives its fixed cost (compile + start-up). CPU seconds, not wall: on a shared machine wall time
+kind also gives its fixed cost (compile + start-up). The lengths differ by 20 steps (8-10 items): a
+compilation varies by several CPU seconds between two runs, so a difference of a few steps (this tool's
+first version used 3-6) can be wrong by a factor of 10; it under-estimated the VAE step 10x. CPU seconds, not wall: on a shared machine wall time
 says more about the neighbours than about the study. On an idle 2-core machine the wall time of a stage
 lies between CPU/2 (both cores busy all the time) and CPU (one core busy).
 """
@@ -20,7 +22,7 @@ def _cpu(fn):
     return time.process_time() - c0
 
 
-def measure(workdir: str, hp: dict, study_config, lib, ev, k: int = 3) -> dict:
+def measure(workdir: str, hp: dict, study_config, lib, ev, k: int = 20) -> dict:
     os.makedirs(workdir, exist_ok=True)
     out = {}
     v = hp["vae"]
@@ -32,8 +34,8 @@ def measure(workdir: str, hp: dict, study_config, lib, ev, k: int = 3) -> dict:
                                     eval_n=4)
 
     first = _cpu(lambda: vae(2))
-    more = _cpu(lambda: vae(2 + 2 * k))
-    out["vae_step"] = (more - first) / (2 * k)
+    more = _cpu(lambda: vae(2 + k))
+    out["vae_step"] = (more - first) / k
     out["vae_fixed"] = first - 2 * out["vae_step"]
     stats = {kk: runs["vae"][kk] for kk in ("latent_mean", "latent_std")}
     init = os.path.join(workdir, "init")
@@ -48,9 +50,8 @@ def measure(workdir: str, hp: dict, study_config, lib, ev, k: int = 3) -> dict:
             lib.train_run(c, run_dir, n_vqa=n_vqa, n_gen=n_gen, gen_task=task, data_seed=1)
 
         first = _cpu(lambda: train(2))
-        a = _cpu(lambda: train(2 + k))
-        b = _cpu(lambda: train(2 + 2 * k))
-        out[f"{stage}_step"] = (b - a) / k
+        more = _cpu(lambda: train(2 + k))
+        out[f"{stage}_step"] = (more - first) / k
         out[f"{stage}_fixed"] = first - 2 * out[f"{stage}_step"]
     # evaluations, on the arms run
     c = study_config(hp, stats, stage="arms", init_from=init)
@@ -59,8 +60,8 @@ def measure(workdir: str, hp: dict, study_config, lib, ev, k: int = 3) -> dict:
 
     inf = make_inferencer(c, ev._args(run_dir))
     for name, fn, n1, n2 in (
-            ("mcq_item", lambda n: ev.eval_mcq(inf, c, ev.mcq_items(c, n)), 1, 3),
-            ("geneval_item", lambda n: ev.eval_geneval(inf, c, n, os.path.join(workdir, "gen")), 1, 3)):
+            ("mcq_item", lambda n: ev.eval_mcq(inf, c, ev.mcq_items(c, n)), 2, 10),
+            ("geneval_item", lambda n: ev.eval_geneval(inf, c, n, os.path.join(workdir, "gen")), 6, 16)):
         fn(n1)  # compile
         a = _cpu(lambda: fn(n1))
         b = _cpu(lambda: fn(n2))
@@ -71,10 +72,10 @@ def measure(workdir: str, hp: dict, study_config, lib, ev, k: int = 3) -> dict:
         c.segment.num_images = n
         ev.eval_segment(c, run_dir)
 
-    first = _cpu(lambda: seg(1))
-    b = _cpu(lambda: seg(3))
-    out["seg_item"] = (b - _cpu(lambda: seg(1))) / 2
-    out["eval_fixed"] = first - out["seg_item"]
+    first = _cpu(lambda: seg(2))
+    b = _cpu(lambda: seg(10))
+    out["seg_item"] = (b - _cpu(lambda: seg(2))) / 8
+    out["eval_fixed"] = first - 2 * out["seg_item"]
     out["analysis"] = _cpu(lambda: ev.eval_probe_attention(c, run_dir))
     out["estimate"] = estimate(out, hp)
     with open(os.path.join(workdir, "measure.json"), "w") as f:

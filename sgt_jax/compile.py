@@ -35,12 +35,14 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from sgt_jax import parallel
 from sgt_jax.data.packing import BatchLayout, empty_batch
 from sgt_jax.parallel import mesh as mesh_lib
 from sgt_jax.train import flops as flops_lib
 from sgt_jax.train import step as step_lib
+from sgt_jax.train.family import family
 from sgt_jax.train.freeze import flops_frozen_modules
 from sgt_jax.train.state import latents_online
 
@@ -336,7 +338,13 @@ def abstract_batch(config, batch_sharding) -> dict:
     """ShapeDtypeStructs of one global batch (docs/interfaces.md §1) carrying the batch sharding; built
     from a 1-pack padding batch of the data layout, so the keys and dtypes are exactly what the loop feeds."""
     packs = int(config.data.packs_per_batch)
-    one = parallel.device_part(empty_batch(BatchLayout.from_config(config), 1))
+    if family(config) == "omnigen2":
+        from sgt_jax.data import omnigen2_plan
+
+        row = omnigen2_plan.padding_row(omnigen2_plan.PlanConfig.from_config(config))
+        one = parallel.device_part({k: np.asarray(v)[None] for k, v in row.items()})
+    else:
+        one = parallel.device_part(empty_batch(BatchLayout.from_config(config), 1))
     shard = (lambda k: batch_sharding[k]) if isinstance(batch_sharding, dict) else (lambda k: batch_sharding)
     return {k: jax.ShapeDtypeStruct((packs,) + v.shape[1:], v.dtype, sharding=shard(k)) for k, v in one.items()}
 
@@ -372,6 +380,11 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
         spec = parse_topology(config.compile.topology)
     if devices is None:
         devices = topology_devices(spec, num_slices)
+    if family(config) == "omnigen2":
+        from sgt_jax.train import omnigen2_flops
+
+        return omnigen2_flops.compile_report(config, devices, spec, num_slices, builder or _build_train_step,
+                                             progress, count_oom_flops)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     progress(f"{spec.name}: {len(devices)} abstract devices, mesh {dict(mesh.shape)}; building the abstract "
              "train state")
@@ -458,7 +471,7 @@ def search_remat(config, *, headroom: float, candidates=None, timeout_s: float =
         tried.append(row)
         on_row(row)
         if report["fits"] and report["hbm_fraction"] <= 1.0 - headroom:
-            if timeout_s:  # the child compiled it; count the chosen policy's FLOPs here (tracing only)
+            if timeout_s and family(config) != "omnigen2":  # the child compiled it: count FLOPs here (trace only)
                 mesh = mesh_lib.make_mesh(config.mesh, kw.get("devices") or topology_devices(kw["spec"],
                                                                                             kw["num_slices"]))
                 report.update(count_flops(config, *(kw.get("builder") or _build_train_step)(config, mesh)))

@@ -250,7 +250,7 @@ def run_import(config, args) -> int:
 
 def run_import_omnigen2(config, args) -> int:
     """``--mode import`` of an OmniGen2 folder: transformer/, vae/ and mllm/ -> ``<workdir>/params``
-    (``{"transformer", "vae", "mllm"}``) + params_meta.json (sgt_jax/checkpoint/omnigen2_folder.py)."""
+    (``{"dit", "vae", "mllm"}``: the DiT of ``transformer/`` under ``dit``, as in sgt_jax/models/omnigen2.py) + params_meta.json (sgt_jax/checkpoint/omnigen2_folder.py)."""
     from sgt_jax.checkpoint import omnigen2_folder, store
 
     params, _, _, meta = omnigen2_folder.import_folder(args.source, config)
@@ -425,14 +425,54 @@ def run_export(config, args) -> int:
     """``--mode export``: ``<workdir>/params`` (or a training checkpoint) -> BAGEL folder ``--dest``."""
     if not args.dest:
         raise ValueError("--mode export needs --dest <folder to write>")
-    if not _training_steps(args.workdir) and os.path.isfile(os.path.join(args.workdir, "params_meta.json")):
-        from sgt_jax.checkpoint import store
-
+    steps = _training_steps(args.workdir)
+    if not steps and os.path.isfile(os.path.join(args.workdir, "params_meta.json")):
         if store.read_params_meta(args.workdir).get("family") == "omnigen2":
             return run_export_omnigen2(config, args)
+    if steps and _run_family(args.workdir, steps[-1] if args.step is None else int(args.step)) == "omnigen2":
+        return run_export_omnigen2_checkpoint(config, args, steps)
     params, cfg_model, meta = load_workdir_params(config, args)
     export_folder(params, cfg_model, args.dest, meta)
     print(f"exported {args.workdir} -> {args.dest}")
+    return 0
+
+
+def _run_family(workdir: str, step: int) -> str:
+    """The model family of a training checkpoint's run config ("bagel" for runs older than the field)."""
+    try:
+        model = store.read_json_item(workdir, step, "config")["model"]
+    except (FileNotFoundError, KeyError):
+        return "bagel"
+    return str(model.get("family", "bagel"))
+
+
+def run_export_omnigen2_checkpoint(config, args, steps: list[int]) -> int:
+    """``--mode export`` of an OmniGen2 training checkpoint (``--weights`` ema|raw; raw when the run kept
+    no EMA) -> an OmniGen2 folder. The folder layout (keys, dtypes, shard files, the MLLM's other files)
+    comes from the imported workdir the run started from (``checkpoint.init_from``), so that the export
+    loads wherever the source folder did."""
+    from sgt_jax.checkpoint import omnigen2_folder
+
+    step = steps[-1] if args.step is None else int(args.step)
+    if step not in steps:
+        raise FileNotFoundError(f"--step {step}: {args.workdir} has training checkpoints {steps}")
+    run_config = store.read_json_item(args.workdir, step, "config")
+    init_from = str(run_config["checkpoint"]["init_from"] or "")
+    if not (init_from and os.path.exists(os.path.join(init_from, store.PARAMS_META))):
+        raise ValueError(f"{args.workdir}: an OmniGen2 training checkpoint exports through the imported workdir "
+                         f"its run started from (checkpoint.init_from, written by --mode import), which gives the "
+                         f"folder layout; this run's init_from is {init_from!r}")
+    meta = store.read_params_meta(init_from)
+    cfg_dit, cfg_vae, cfg_mllm = omnigen2_folder.configs_from_meta(meta)
+    layout = store.read_json_item(args.workdir, step, "layout")
+    weights = args.weights if layout.get("ema", True) else "raw"
+    if weights != args.weights:
+        log.info("the run kept no EMA: exporting its raw weights")
+    mesh, rules = mesh_and_rules(config if config is not None and "mesh" in config else default_config())
+    target = omnigen2_folder.abstract_params(cfg_dit, cfg_vae, cfg_mllm, mesh, rules)
+    params = store.load_for_inference(args.workdir, step=step, weights=weights, abstract_params=target)
+    omnigen2_folder.export_folder(params, cfg_dit, cfg_vae, args.dest, meta)
+    print(f"exported step {step} ({weights} weights) of {args.workdir} -> {args.dest}")
     return 0
 
 

@@ -218,7 +218,7 @@ def _single_dtype(header) -> str:
 
 
 def abstract_params(cfg_dit, cfg_vae, cfg_mllm, mesh, rules) -> dict:
-    """``{"transformer", "vae", "mllm"}`` ShapeDtypeStructs with shardings; allocates nothing."""
+    """``{"dit", "vae", "mllm"}`` ShapeDtypeStructs with shardings; allocates nothing."""
     from flax import nnx
 
     from sgt_jax.models.flux_vae import FluxVAE
@@ -226,7 +226,7 @@ def abstract_params(cfg_dit, cfg_vae, cfg_mllm, mesh, rules) -> dict:
     from sgt_jax.models.qwen2_5_vl import abstract_params as qwen_abstract_params
     from sgt_jax.parallel.sharding import abstract_params_of
 
-    return {"transformer": abstract_params_of(lambda: OmniGen2DiT(cfg_dit, rngs=nnx.Rngs(0)), mesh=mesh, rules=rules),
+    return {"dit": abstract_params_of(lambda: OmniGen2DiT(cfg_dit, rngs=nnx.Rngs(0)), mesh=mesh, rules=rules),
             "vae": abstract_params_of(lambda: FluxVAE(cfg_vae, rngs=nnx.Rngs(0)), mesh=mesh, rules=rules),
             "mllm": qwen_abstract_params(cfg_mllm, mesh=mesh, rules=rules)}
 
@@ -245,7 +245,7 @@ def configs_from_meta(meta) -> tuple[ml_collections.ConfigDict, ml_collections.C
 
 
 def import_folder(source: str, config=None, mesh=None, rules=None):
-    """OmniGen2 folder -> ``(params, cfg_dit, cfg_vae, meta)``; ``params = {"transformer", "vae", "mllm"}``
+    """OmniGen2 folder -> ``(params, cfg_dit, cfg_vae, meta)``; ``params = {"dit", "vae", "mllm"}``
     of sharded jax.Arrays over ``mesh`` with the logical ``rules`` (default: ``config.mesh``). The MLLM's
     config is ``configs_from_meta(meta)[2]`` (compute settings from ``config.model.mllm`` when present)."""
 
@@ -260,11 +260,11 @@ def import_folder(source: str, config=None, mesh=None, rules=None):
         mesh, rules = mesh_and_rules(config if config is not None and "mesh" in config else default_config())
     abstract = abstract_params(cfg_dit, cfg_vae, cfg_mllm, mesh, rules)
     table = table_lib.dit_table(cfg_dit)
-    check_tree(table, abstract["transformer"], "the model's parameter tree")
+    check_tree(table, abstract["dit"], "the model's parameter tree")
     t0 = time.time()
-    params = {"transformer": {}}
+    params = {"dit": {}}
     with MultiFileReader(fold.dit_files) as reader:
-        streaming.fill_from_table(table, reader, abstract["transformer"], params["transformer"])
+        streaming.fill_from_table(table, reader, abstract["dit"], params["dit"])
         dit_bytes = reader.bytes_read
     with MultiFileReader([fold.vae_path]) as reader:  # small and fixed-size: converted in memory
         vae_sd = {k: reader.read(k) for k in sorted(reader.keys())}
@@ -275,7 +275,7 @@ def import_folder(source: str, config=None, mesh=None, rules=None):
         "format": "sgt_jax.params/1",
         "family": "omnigen2",
         "model": {"dit": jsonable(cfg_dit), "vae": jsonable(cfg_vae)},
-        "layout": {"scan_axis": 0, "stacked": sorted("transformer/" + "/".join(e.path) for e in table if e.layers),
+        "layout": {"scan_axis": 0, "stacked": sorted("dit/" + "/".join(e.path) for e in table if e.layers),
                    "param_dtype": str(cfg_dit.param_dtype)},
         "source": {"path": os.path.abspath(source), "kind": KIND, "dit_config": fold.dit_json,
                    "vae_config": fold.vae_json, "dit_weight_map": fold.dit_file_of,
@@ -299,7 +299,7 @@ def export_folder(params, cfg_dit, cfg_vae, dest: str, meta) -> str:
     src = meta.get("source", {})
     cfg_mllm = configs_from_meta(meta)[2]
     table = table_lib.dit_table(cfg_dit)
-    check_tree(table, params["transformer"], "parameters to export")
+    check_tree(table, params["dit"], "parameters to export")
     writer_proc = jax.process_index() == 0
     tdir, vdir = os.path.join(dest, "transformer"), os.path.join(dest, "vae")
     if writer_proc:
@@ -317,7 +317,7 @@ def export_folder(params, cfg_dit, cfg_vae, dest: str, meta) -> str:
         specs = {k: TensorInfo(dtypes.get(k, "BF16"), keys[k]) for k in fkeys}
         out = StreamingWriter(os.path.join(tdir, fname), specs, {"format": "pt"}) if writer_proc else nullcontext()
         with out as writer:  # a failed write removes the partial file
-            streaming.write_table(table, params["transformer"], writer, lambda k: specs[k].dtype, only=set(fkeys))
+            streaming.write_table(table, params["dit"], writer, lambda k: specs[k].dtype, only=set(fkeys))
     vae = jax.tree.map(streaming.to_host, dict(params["vae"]))
     qwen_folder.export_qwen2_5_vl(params["mllm"], cfg_mllm, os.path.join(dest, "mllm"), meta["mllm"])
     if writer_proc:

@@ -85,6 +85,19 @@ class _Batch:
         return None if where is None else _Batch(self.plans + [plan], where)
 
 
+def pull_valid(stream, skipped: SkipCounter, group: str) -> dict:
+    """The next good element of ``stream``; bad ones (``{"skip": reason}``) are counted in ``skipped``."""
+    for _ in range(MAX_CONSECUTIVE_SKIPS):
+        el = stream.next()
+        if "skip" in el:
+            skipped.add_skip(BadSample(el["skip"], el.get("detail", "")))
+            continue
+        skipped.add_ok()
+        return el
+    raise RuntimeError(f"{MAX_CONSECUTIVE_SKIPS} consecutive bad {group} samples: check the data source "
+                       f"(skips so far: {skipped.as_dict()})")
+
+
 class Mixer:
     """Fills ``packs`` packs per batch from ``streams`` (group -> stream with next()/fetch(index)/pos), choosing
     samples by best fit from ``buffer`` candidates per group."""
@@ -111,15 +124,7 @@ class Mixer:
 
     # -- pulling samples -------------------------------------------------------------------------------
     def _pull(self, group: str) -> dict:
-        for _ in range(MAX_CONSECUTIVE_SKIPS):
-            el = self.streams[group].next()
-            if "skip" in el:
-                self.skipped[group].add_skip(BadSample(el["skip"], el.get("detail", "")))
-                continue
-            self.skipped[group].add_ok()
-            return el
-        raise RuntimeError(f"{MAX_CONSECUTIVE_SKIPS} consecutive bad {group} samples: check the data source "
-                           f"(skips so far: {self.skipped[group].as_dict()})")
+        return pull_valid(self.streams[group], self.skipped[group], group)
 
     def _candidates(self, group: str, need: int = 1) -> list[dict]:
         """The group's buffer, topped up to ``buffer`` samples (and to ``need``, the members a group takes)."""

@@ -139,14 +139,32 @@ def _own(el: dict) -> dict:
     return out
 
 
-def build_stream(config, source, group: str, process_index: int, process_count: int, tokenizer=None) -> Stream:
-    """The stream of ``group`` over ``source`` (len + __getitem__ raw records + decode)."""
+def build_stream(config, source, group: str, process_index: int, process_count: int, tokenizer=None,
+                 plan_fn=None) -> Stream:
+    """The stream of ``group`` over ``source`` (len + __getitem__ raw records + decode). ``plan_fn``: the
+    map step's class (same constructor as PlanFn; default PlanFn, BAGEL's plans)."""
     if len(source) == 0:
         raise ValueError(f"the {group} source {source!r} is empty")
-    fn = PlanFn(config, source, group, process_index, process_count, tokenizer)
+    fn = (plan_fn or PlanFn)(config, source, group, process_index, process_count, tokenizer)
     ds = grain.MapDataset.source(source).shuffle(seed=int(config.data.seed) + _GROUP_SEED[group]).repeat()
     ds = ds[process_index::process_count].map_with_index(fn)
     return Stream(ds, int(config.data.workers), int(config.data.worker_buffer))
+
+
+def restore_positions(state: dict, version: int, process_index: int, process_count: int, streams: dict) -> dict:
+    """Check an iterator state's version, process and streams, set the streams' positions; returns the
+    state as JSON gives it back."""
+    state = json.loads(json.dumps(state))  # accept exactly what JSON gives back
+    if state.get("version") != version:
+        raise ValueError(f"data iterator state version {state.get('version')} != {version}")
+    if (state["process_index"], state["process_count"]) != (process_index, process_count):
+        raise ValueError(f"data iterator state is for process {state['process_index']}/{state['process_count']}"
+                         f", this is {process_index}/{process_count}")
+    if set(state["positions"]) != set(streams):
+        raise ValueError(f"state streams {sorted(state['positions'])} != configured {sorted(streams)}")
+    for grp, pos in state["positions"].items():
+        streams[grp].set_pos(pos)
+    return state
 
 
 def default_sources(config) -> dict:
@@ -201,16 +219,7 @@ class TrainIterator:
         }
 
     def set_state(self, state: dict) -> None:
-        state = json.loads(json.dumps(state))  # accept exactly what JSON gives back
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data iterator state version {state.get('version')} != {STATE_VERSION}")
-        if (state["process_index"], state["process_count"]) != (self.process_index, self.process_count):
-            raise ValueError(f"data iterator state is for process {state['process_index']}/{state['process_count']}"
-                             f", this is {self.process_index}/{self.process_count}")
-        if set(state["positions"]) != set(self.streams):
-            raise ValueError(f"state streams {sorted(state['positions'])} != configured {sorted(self.streams)}")
-        for grp, pos in state["positions"].items():
-            self.streams[grp].set_pos(pos)
+        state = restore_positions(state, STATE_VERSION, self.process_index, self.process_count, self.streams)
         self.mixer.set_state(state["mixer"])
         self._eff_sum = dict(state["efficiency_sum"])
 

@@ -96,6 +96,10 @@ class TextTokenizer:
     def to_str(self) -> str:
         return self._tok.to_str()
 
+    def token_id(self, name: str) -> int | None:
+        """The id of a (special) token by its string, or None if the tokenizer has no such token."""
+        return self._tok.token_to_id(name)
+
 
 def _from_vocab_merges(folder: str):
     """Qwen2 BPE from vocab.json + merges.txt (+ special tokens from tokenizer_config.json)."""
@@ -182,6 +186,13 @@ def synthetic_corpus() -> list[str]:
     return [t for ts in templates.TEMPLATES.values() for t in ts] + list(synthetic.vocabulary())
 
 
+def model_vocab_size(config) -> int:
+    """The LM vocabulary of the run's model (BAGEL: model.llm; OmniGen2: the MLLM's text model)."""
+    if str(config.model.family) == "omnigen2":
+        return int(config.model.mllm.text.vocab_size)
+    return int(config.model.llm.vocab_size)
+
+
 def get_tokenizer(config) -> TextTokenizer:
     """The tokenizer named by ``config.data.tokenizer``, checked against ``config.model.tokens``.
 
@@ -194,14 +205,14 @@ def get_tokenizer(config) -> TextTokenizer:
     expected = dict(config.model.tokens)
     spec = config.data.tokenizer
     if spec == "synthetic":
-        raw = build_tiny_tokenizer(synthetic_corpus(), vocab_size=config.model.llm.vocab_size)
+        raw = build_tiny_tokenizer(synthetic_corpus(), vocab_size=model_vocab_size(config))
         return TextTokenizer(Tokenizer.from_str(raw.to_str()), expected_ids=expected, source="synthetic")
     path = spec or config.checkpoint.init_from
     if not path:
         raise ValueError("config.data.tokenizer is empty and config.checkpoint.init_from names no folder: set "
                          "config.data.tokenizer to a folder with tokenizer.json (or vocab.json + merges.txt)")
     tt = load_tokenizer(path, expected_ids=expected)
-    if tt.vocab_size > config.model.llm.vocab_size:
-        raise ValueError(f"tokenizer {path!r} has {tt.vocab_size} ids > config.model.llm.vocab_size="
-                         f"{config.model.llm.vocab_size}")
+    if tt.vocab_size > model_vocab_size(config):
+        raise ValueError(f"tokenizer {path!r} has {tt.vocab_size} ids > the model's vocabulary "
+                         f"{model_vocab_size(config)} (config.model.llm / config.model.mllm.text .vocab_size)")
     return tt

@@ -35,6 +35,7 @@ from sgt_jax.eval.features import FeatureExtractor
 from sgt_jax.eval.lexicon import load_lexicon
 from sgt_jax.eval.probe import probe_report
 from sgt_jax.sampling.cli import generate_one, load_image, make_inferencer, save_png
+from sgt_jax.train.family import family
 
 EVAL_KINDS = ("mcq", "geneval", "probe", "attention")
 SEG_SOURCES = ("synthetic", "data")
@@ -100,8 +101,11 @@ def segment_mode(config, args) -> dict:
     with open(os.path.join(out_dir, "results.jsonl"), "w") as f:
         for k, (key, image, gt) in enumerate(tqdm(items, desc="segment")):
             seed = int(config.generate.seed) + k
-            pred, info = generate_one(inf, config, instruction, [image], seed,
-                                      image_condition=str(s.image_condition), vit_transform=tuple(s.vit_transform))
+            if inf.family == "omnigen2":  # SGT-OmniGen2: the image to the MLLM, the mask from the DiT
+                pred, info = inf.generate_one(instruction, [image], seed, segment=True)
+            else:
+                pred, info = generate_one(inf, config, instruction, [image], seed,
+                                          image_condition=str(s.image_condition), vit_transform=tuple(s.vit_transform))
             h, w = pred.shape[:2]
             shown = resize(image, w, h)
             save_png(shown, os.path.join(out_dir, f"{key}_input.png"), dict(key=key))
@@ -206,10 +210,16 @@ def _attention_set(config, args):
 def evaluate_mode(config, args) -> dict:
     """--mode evaluate; returns the result of the chosen kind."""
     e = config.evaluate
+    if e.preset and family(config) != "bagel":
+        raise ValueError(f"config.evaluate.preset={e.preset!r} sets BAGEL's official GenEval settings; "
+                         f"config.model.family={config.model.family!r} has no preset (set generate.omnigen2.*)")
     if e.preset:  # before anything reads the fields it sets (the model too: model.pos_table_dtype)
         print("\n".join(presets.apply_preset(config, str(e.preset), args.weights, args.input)))
     if e.kind not in EVAL_KINDS:
         raise ValueError(f"config.evaluate.kind must be one of {EVAL_KINDS}, got {e.kind!r}")
+    if e.kind in ("probe", "attention") and family(config) != "bagel":
+        raise ValueError(f"config.evaluate.kind={e.kind} reads BAGEL's ViT and LLM internals; for "
+                         f"config.model.family={config.model.family!r} use mcq or geneval")
     if e.kind in ("mcq", "geneval") and not args.input:
         raise ValueError(f"--mode evaluate with evaluate.kind={e.kind} needs --input (the benchmark file)")
     out_dir = os.path.join(args.workdir, "evaluate", e.kind)

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import io
 import json
 import os
 import re
@@ -59,16 +58,27 @@ def _read_table(path: str) -> list[dict]:
 
 
 def _load_image(value, base_dir: str) -> Image.Image:
+    """A benchmark image as displayed: decoded as the data pipeline decodes (EXIF orientation applied,
+    transparency on white); a missing or unreadable image raises naming it."""
+    from sgt_jax.data.records import BadSample
+    from sgt_jax.data.sources.common import decode_rgb
+
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (bytes, bytearray)):
-        return Image.open(io.BytesIO(value)).convert("RGB")
-    if isinstance(value, str):
+        data, what = bytes(value), "embedded benchmark image"
+    elif isinstance(value, str):
         path = value if os.path.isabs(value) else os.path.join(base_dir, value)
         if not os.path.exists(path):
             raise FileNotFoundError(f"benchmark image {path!r} does not exist")
-        return Image.open(path).convert("RGB")
-    raise ValueError(f"unsupported image value of type {type(value).__name__} (bytes, dict or path)")
+        with open(path, "rb") as f:
+            data, what = f.read(), f"benchmark image {path!r}"
+    else:
+        raise ValueError(f"unsupported image value of type {type(value).__name__} (bytes, dict or path)")
+    try:
+        return Image.fromarray(decode_rgb(data, what, what))
+    except BadSample as err:
+        raise ValueError(f"{what}: not a readable image ({err.reason})") from None
 
 
 def answer_letter(answer, choices: list[str]) -> str:

@@ -1,4 +1,4 @@
-"""The parameter groups of the Bagel model: every parameter path belongs to exactly one group.
+"""The parameter groups of the Bagel and OmniGen2 models: every parameter path belongs to exactly one group.
 
 The groups are the units of freezing (sgt_jax/train/freeze.py, ``config.train.freeze``) and the split a
 training checkpoint stores trainable and frozen parameters by (sgt_jax/checkpoint/store.py). They are
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-GROUPS = ("vit", "connector", "und", "gen", "embeddings", "lm_head", "vae")
+GROUPS = ("vit", "connector", "und", "gen", "embeddings", "lm_head", "vae",  # Bagel (and the VAE of both)
+          "mllm_vision", "mllm_text", "dit")  # OmniGen2: Qwen2.5-VL's vision tower, its LLM, the DiT
 
 
 def group_of(path: Sequence[str]) -> str:
@@ -18,6 +19,10 @@ def group_of(path: Sequence[str]) -> str:
     head = p[0] if p else ""
     if head in ("vit", "connector", "vae"):
         return head
+    if head == "mllm" and len(p) > 1:
+        return "mllm_vision" if p[1] == "visual" else "mllm_text"
+    if head == "dit":
+        return "dit"
     if head in ("vae2llm", "llm2vae", "time_embedder"):
         return "gen"
     if head == "llm" and len(p) > 1:

@@ -20,12 +20,15 @@ from jax.sharding import Mesh, NamedSharding
 
 from sgt_jax.parallel.mesh import Rules, batch_sharding, batch_shards
 
-# docs/interfaces.md §1: every key the jitted step may read.
+# docs/interfaces.md §1 (BAGEL packs) and sgt_jax/data/omnigen2_plan.py (OmniGen2 rows): every key the jitted
+# step may read.
 DEVICE_KEYS = (
     "tokens", "kind", "doc", "split", "mode", "order", "rope", "vit_row",
     "vit_patches", "vit_pos", "vit_image",
     "latent_pos", "latent_image", "latent_target", "latent_mean", "latent_logvar", "vae_images", "latent_rc",
     "ce_pos", "ce_label", "ce_valid",
+    # OmniGen2 rows (sgt_jax/data/omnigen2_plan.py)
+    "mrope", "vision_index", "vit_window", "vit_hw", "target_images", "target_hw",
 )
 
 

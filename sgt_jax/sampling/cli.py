@@ -22,7 +22,8 @@ from PIL import Image, PngImagePlugin
 from sgt_jax.data.tokenizer import get_tokenizer
 from sgt_jax.sampling import flow
 from sgt_jax.sampling.inference import Inferencer
-from sgt_jax.sampling.loading import load_model
+from sgt_jax.sampling.loading import inference_config, load_model
+from sgt_jax.train.family import family
 
 
 def load_image(path: str) -> np.ndarray:
@@ -86,8 +87,16 @@ def read_requests(args, need_prompt: bool = True) -> list[dict]:
 
 
 def make_inferencer(config, args):
-    """Load weights (sgt_jax/sampling/loading.py) and the tokenizer; print where they came from."""
+    """Load weights (sgt_jax/sampling/loading.py) and the tokenizer; print where they came from. An
+    OmniGen2 config (``config.model.family``) gives an ``OmniGen2Inferencer`` with the same entry points."""
     t0 = time.time()
+    if family(config) == "omnigen2":
+        from sgt_jax.sampling.omnigen2_inference import OmniGen2Inferencer, tokenizer_for
+
+        config = inference_config(config, args.workdir)
+        model, source = load_model(config, args.workdir, args.step, args.weights)
+        print(f"loaded weights from {source} in {time.time() - t0:.1f}s")
+        return OmniGen2Inferencer(model, tokenizer_for(config, args.workdir), config)
     model, source = load_model(config, args.workdir, args.step, args.weights)
     print(f"loaded weights from {source} in {time.time() - t0:.1f}s")
     return Inferencer(model, get_tokenizer(config), config)
@@ -141,6 +150,8 @@ def generate_one(inf, config, prompt: str, images: list[np.ndarray], seed: int, 
     """One image for a prompt (+ images), with the settings of ``config.generate``; returns (image, info)."""
     import jax
 
+    if inf.family == "omnigen2":
+        return inf.generate_one(prompt, images, seed, height=height, width=width)
     g = config.generate
     edit = bool(images)
     cfg = cfg_settings(g.edit if edit else g.t2i)

@@ -59,6 +59,8 @@ def to_uint8(image, mode: str = "round") -> np.ndarray:
 
 
 class Inferencer:
+    family = "bagel"  # OmniGen2's counterpart: sgt_jax/sampling/omnigen2_inference.py
+
     def __init__(self, model, tokenizer, config):
         self.model = model
         self.tok = tokenizer

@@ -22,13 +22,63 @@ from flax import nnx
 from sgt_jax.checkpoint import store
 from sgt_jax.models.bagel import abstract_bagel, abstract_params
 from sgt_jax.parallel.mesh import logical_rules, make_mesh
+from sgt_jax.train.family import family
+
+
+COMPUTE_FIELDS = ("dtype", "param_dtype", "attention_impl", "attention_chunk", "remat_policy", "scan_layers")
 
 
 def abstract_model_and_params(config):
-    """(abstract Bagel, pure-dict of ShapeDtypeStructs with shardings, mesh)."""
+    """(abstract model, pure-dict of ShapeDtypeStructs with shardings, mesh): a Bagel, or the OmniGen2
+    assembly (sgt_jax/models/omnigen2.py) when ``config.model.family == "omnigen2"``."""
     mesh = make_mesh(config.mesh)
+    if family(config) == "omnigen2":
+        from sgt_jax.parallel.sharding import abstract_params_of
+        from sgt_jax.train.family import model_fn
+
+        build = lambda: model_fn(config, with_vae=True)(nnx.Rngs(0))  # noqa: E731
+        with nnx.use_eager_sharding(False):
+            abstract = nnx.eval_shape(build)
+        return abstract, abstract_params_of(build, mesh=mesh, rules=logical_rules(config)), mesh
     target = abstract_params(config.model, mesh=mesh, rules=logical_rules(config))
     return abstract_bagel(config.model), target, mesh
+
+
+def with_imported_architecture(config, workdir: str):
+    """OmniGen2 params imported with ``--mode import`` carry their architecture in params_meta.json (the
+    folder's config.json files): a copy of ``config`` whose ``model.mllm`` / ``model.dit`` / ``model.vae``
+    are those (compute settings as imported). Other configs and workdirs: ``config`` unchanged."""
+    import copy
+
+    if family(config) != "omnigen2" or not os.path.isdir(os.path.join(workdir, store.PARAMS_DIR)):
+        return config
+    meta = store.read_params_meta(workdir)
+    if meta.get("family") != "omnigen2":
+        raise ValueError(f"{os.path.join(workdir, store.PARAMS_DIR)} holds {meta.get('family', 'BAGEL')!r} "
+                         "parameters, the config is an OmniGen2 one (config.model.family)")
+    from sgt_jax.checkpoint.omnigen2_folder import configs_from_meta
+
+    cfg_dit, cfg_vae, cfg_mllm = configs_from_meta(meta)
+    out = copy.deepcopy(config)
+    with out.unlocked():
+        run = out.model
+        for imported, ours in ((cfg_mllm, run.mllm), (cfg_dit, run.dit)):  # compute settings: the run config's
+            for k in COMPUTE_FIELDS:
+                imported[k] = ours[k]
+        cfg_mllm.min_pixels, cfg_mllm.max_pixels = run.mllm.min_pixels, run.mllm.max_pixels  # image processor
+        run.mllm, run.dit, run.vae = cfg_mllm, cfg_dit, cfg_vae
+    return out
+
+
+def inference_config(config, workdir: str):
+    """The config to build the model with for ``load_model(config, workdir)``: unchanged, except for OmniGen2
+    weights that come from imported parameters (``with_imported_architecture`` of that workdir)."""
+    if _has_training_checkpoints(workdir):
+        return config
+    init_from = config.checkpoint.init_from
+    if not os.path.isdir(os.path.join(workdir, store.PARAMS_DIR)) and init_from:
+        workdir = init_from
+    return with_imported_architecture(config, workdir)
 
 
 def random_params(config, seed: int = 0, std: float = 0.05) -> dict:
@@ -95,7 +145,8 @@ def _has_training_checkpoints(workdir: str) -> bool:
 def load_model(config, workdir: str, step: int | None = None, weights: str = "ema"):
     """The Bagel of ``config.model`` with the weights found in ``workdir`` (see the module docstring).
 
-    Returns (model, description of the source)."""
+    Returns (model, description of the source). OmniGen2: pass the config through ``inference_config``
+    first (the imported architecture)."""
     abstract, target, _ = abstract_model_and_params(config)
     init_from = config.checkpoint.init_from
     if _has_training_checkpoints(workdir):

@@ -82,8 +82,24 @@ def denoise_step(velocity: Callable, x, step: int, ts: np.ndarray, *, text_scale
     """One step of the official loop. ``velocity(x, t, which)`` evaluates the model for pass ``which``
     ("cond": prompt + refs, "neg_refs": negative prompt + refs, "uncond": negative prompt, no refs) at
     times ``t`` (already cast to x's dtype here). Returns the next latents."""
-    num_steps = len(ts) - 1
-    g = guidance(step, num_steps, text_scale, image_scale, has_refs, cfg_range)
+    return _step(lambda xx, t, passes: {name: velocity(xx, t, name) for name in passes}, x, step, ts,
+                 text_scale, image_scale, has_refs, cfg_range)
+
+
+def _step(velocities: Callable, x, step, ts, text_scale, image_scale, has_refs, cfg_range):
+    g = guidance(step, len(ts) - 1, text_scale, image_scale, has_refs, cfg_range)
     t = jnp.full((x.shape[0],), ts[step], jnp.float32).astype(x.dtype)
-    v = combine(g, {name: velocity(x, t, name) for name in g.passes})
-    return euler_step(x, v, ts[step], ts[step + 1])
+    return euler_step(x, combine(g, velocities(x, t, g.passes)), ts[step], ts[step + 1])
+
+
+def denoise(velocities: Callable, x, ts: np.ndarray, *, text_scale: float, image_scale: float, has_refs: bool,
+            cfg_range=(0.0, 1.0), progress: Callable | None = None):
+    """The whole official denoising loop: ``len(ts) - 1`` Euler steps from the noise ``x`` (t = 0) to the
+    data end (t = 1). ``velocities(x, t, passes)`` returns ``{pass: velocity}`` for the passes of one step
+    (so that a caller can evaluate them in one stacked model call); ``progress(i)`` is called after each
+    step. Returns the final latents."""
+    for i in range(len(ts) - 1):
+        x = _step(velocities, x, i, ts, text_scale, image_scale, has_refs, tuple(cfg_range))
+        if progress is not None:
+            progress(i)
+    return x

@@ -6,7 +6,8 @@
   CURRENT shardings, so a checkpoint restores onto any mesh. Layout facts (scan layers, dtypes, freeze
   groups) are compared with the current config first and a mismatch is an error naming the field.
 * ``initial_state``: own checkpoint > ``config.checkpoint.init_from`` (an imported workdir with
-  params/, or a BAGEL PyTorch folder through sgt_jax/checkpoint/convert.py) > random init.
+  params/, a BAGEL PyTorch folder through sgt_jax/checkpoint/convert.py, or an OmniGen2 folder through
+  sgt_jax/checkpoint/omnigen2_folder.py) > random init.
 * ``store.load_for_inference`` (in sgt_jax/checkpoint/store.py) reads the EMA or raw weights back.
 """
 
@@ -19,7 +20,7 @@ from typing import Any
 import jax
 from jax.sharding import Mesh
 
-from sgt_jax.checkpoint import convert
+from sgt_jax.checkpoint import convert, omnigen2_folder
 from sgt_jax.checkpoint import store
 from sgt_jax.train import state as state_lib
 from sgt_jax.train.freeze import frozen_groups
@@ -97,11 +98,17 @@ def initial_state(config, spec: state_lib.StateSpec, mesh: Mesh) -> dict:
                              f"{config.model.scan_layers}")
         # A model without its VAE (cached latents) restores the subset it has.
         params = store.load_params(src, target, strict="vae" in target)
+    elif omnigen2_folder.is_omnigen2_folder(src):
+        from sgt_jax import parallel
+
+        params, _, _, _ = omnigen2_folder.import_folder(src, config, mesh, parallel.logical_rules(config))
+        params = {k: v for k, v in params.items() if k in target}
     elif os.path.exists(os.path.join(src, "llm_config.json")):
         params, _, _ = convert.import_folder(src, config, progress=jax.process_index() == 0)
         params = {k: v for k, v in params.items() if k in target}  # no VAE in a cached-latent model
     else:
         raise FileNotFoundError(f"config.checkpoint.init_from={src!r} is neither an imported workdir "
-                                f"({store.PARAMS_META}) nor a BAGEL folder (llm_config.json)")
+                                f"({store.PARAMS_META}) nor a BAGEL folder (llm_config.json) nor an OmniGen2 folder "
+                                "(transformer/ + mllm/)")
     log.info("initialised parameters (and EMA) from %s", src)
     return state_lib.state_from_params(config, spec, params)

@@ -36,6 +36,8 @@ from sgt_jax.train import flops as flops_lib
 from sgt_jax.train import overlap as overlap_lib
 from sgt_jax.train import state as state_lib
 from sgt_jax.train import step as step_lib
+from sgt_jax.train.family import family
+from sgt_jax.train.family import iterator_fn as family_iterator_fn
 from sgt_jax.train.freeze import flops_frozen_modules
 
 log = logging.getLogger(__name__)
@@ -118,14 +120,18 @@ def _profile_window(tc, workdir: str) -> _Profile:
 
 
 def _crc(host: dict) -> int:
-    """A fingerprint of this process's host batch (token ids + latent targets): data order is checkable."""
+    """A fingerprint of this process's host batch (token ids + generation targets): data order is checkable."""
     import zlib
 
+    target = host["latent_target"] if "latent_target" in host else host["target_images"]  # BAGEL / OmniGen2
     return zlib.crc32(np.ascontiguousarray(host["tokens"]).tobytes()) ^ zlib.crc32(
-        np.ascontiguousarray(host["latent_target"]).tobytes())
+        np.ascontiguousarray(target).tobytes())
 
 
 def _flops_per_step(config, global_packs: int) -> float | None:
+    """Analytic model FLOPs of one step (BAGEL; None for OmniGen2, which has no analytic count yet)."""
+    if family(config) != "bagel":
+        return None
     budgets = flops_lib.budgets_from_config(config)
     return flops_lib.step_flops(config.model, budgets, packs=global_packs, frozen=flops_frozen_modules(config),
                                 vae_online=state_lib.latents_online(config)).total
@@ -183,7 +189,7 @@ def _restore_data_state(iterator, data: dict, reshard: bool = False) -> None:
 
 def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable | None = None) -> int:
     """Train ``config`` in ``args.workdir``. ``model_fn``/``iterator_fn`` override the model and the data
-    iterator (tests); by default Bagel and sgt_jax.data.pipeline.make_train_iterator."""
+    iterator (tests); by default the family's (``config.model.family``, sgt_jax/train/family.py)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every save step at INFO through absl
     parallel.maybe_initialize(config)
@@ -212,7 +218,7 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
                                         mesh, rules, float(config.mesh.max_replicated_fraction))
 
     if iterator_fn is None:
-        from sgt_jax.data.pipeline import make_train_iterator as iterator_fn
+        iterator_fn = family_iterator_fn(config)
     iterator = iterator_fn(config, process_index=jax.process_index(), process_count=jax.process_count())
 
     manager = store.make_manager(workdir, keep=int(config.checkpoint.keep),
@@ -265,8 +271,8 @@ def run(config, args, *, model_fn: Callable | None = None, iterator_fn: Callable
         record = {k: (bool(v) if k == "applied" else float(v) if np.ndim(v) == 0 else v) for k, v in m.items()}
         record.update(batch_crc=p["crc"], step_time_s=dt, tokens_per_s=p["tokens"] / dt, n_seg=seg, n_vqa=vqa,
                       seg_vqa_ratio=(totals["n_seg"] / totals["n_vqa"]) if totals["n_vqa"] else None,
-                      tflops_per_device=flops / dt / jax.device_count() / 1e12,
-                      mfu=(flops / (dt * jax.device_count() * peak)) if peak else None)
+                      tflops_per_device=(flops / dt / jax.device_count() / 1e12) if flops else None,
+                      mfu=(flops / (dt * jax.device_count() * peak)) if flops and peak else None)
         writer.write(p["step"], record)
         bar.update(1)
         bar.set_postfix(loss=f"{record['loss']:.4f}", ce=f"{record['ce']:.3f}", mse=f"{record['mse']:.3f}")

@@ -38,11 +38,15 @@ def shift_time(t, num_patch_tokens):
     return 1.0 - sigma
 
 
-def sample_time(key, x_hw, time_dtype="bfloat16"):
-    """Per-sample training times ``[B]`` for target token grids ``x_hw [B, 2]``, rounded to ``time_dtype``."""
-    u = jax.random.normal(key, (x_hw.shape[0],), jnp.float32)
+def time_from_normal(u, x_hw, time_dtype="bfloat16"):
+    """``u ~ N(0, 1) [B]`` -> shifted logit-normal times ``[B]`` for token grids ``x_hw [B, 2]``, in ``time_dtype``."""
     t = shift_time(jax.nn.sigmoid(u), x_hw[:, 0] * x_hw[:, 1])
     return t.astype(time_dtype)
+
+
+def sample_time(key, x_hw, time_dtype="bfloat16"):
+    """Per-sample training times ``[B]`` for target token grids ``x_hw [B, 2]``, rounded to ``time_dtype``."""
+    return time_from_normal(jax.random.normal(key, (x_hw.shape[0],), jnp.float32), x_hw, time_dtype)
 
 
 def flow_loss(velocity_fn, x1, x_hw, key, *, time_dtype="bfloat16"):
@@ -52,8 +56,14 @@ def flow_loss(velocity_fn, x1, x_hw, key, *, time_dtype="bfloat16"):
     ``lambda x, t: dit(x, x_hw, t, text, text_mask, refs, ref_hw)``). Padding tokens contribute nothing.
     Returns ``(loss, aux)`` with ``aux = {"t", "x_t", "target", "sse"}``."""
     k_t, k_x0 = jax.random.split(key)
-    t = sample_time(k_t, x_hw, time_dtype)
-    x0 = jax.random.normal(k_x0, x1.shape, jnp.float32)
+    u = jax.random.normal(k_t, (x_hw.shape[0],), jnp.float32)
+    return flow_terms(velocity_fn, x1, x_hw, u, jax.random.normal(k_x0, x1.shape, jnp.float32),
+                      time_dtype=time_dtype)
+
+
+def flow_terms(velocity_fn, x1, x_hw, u, x0, *, time_dtype="bfloat16"):
+    """``flow_loss`` with its random draws given: ``u [B]`` (the normal behind t) and the noise ``x0``."""
+    t = time_from_normal(u, x_hw, time_dtype)
     tf = t.astype(jnp.float32)[:, None, None]
     x_t = tf * x1 + (1.0 - tf) * x0
     target = x1 - x0

@@ -31,7 +31,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sgt_jax import parallel
 from sgt_jax.checkpoint import store
-from sgt_jax.models.bagel import Bagel
 from sgt_jax.train.freeze import frozen_groups, make_filters
 from sgt_jax.train.optim import make_optimizer
 
@@ -45,9 +44,11 @@ def latents_online(config) -> bool:
 
 
 def default_model_fn(config) -> Callable[[nnx.Rngs], nnx.Module]:
-    """Bagel built from ``config.model``; the VAE is included only for online latent encoding."""
-    with_vae = latents_online(config)
-    return lambda rngs: Bagel(config.model, rngs=rngs, with_vae=with_vae)
+    """The family's model (Bagel or OmniGen2) built from ``config.model``; the VAE is included only for
+    online latent encoding."""
+    from sgt_jax.train.family import model_fn
+
+    return model_fn(config, with_vae=latents_online(config))
 
 
 @dataclasses.dataclass

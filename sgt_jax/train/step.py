@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sgt_jax import parallel
 from sgt_jax.models.layers import activation_sharding, sharded_kernels
-from sgt_jax.train.losses import flow_noise, sgt_loss, token_counts
+from sgt_jax.train.family import loss_hooks
 from sgt_jax.train.optim import ema_update
 from sgt_jax.train.state import StateSpec, make_state_spec
 
@@ -49,10 +49,9 @@ def make_step_fn(config, spec: StateSpec, mesh: Mesh | None = None) -> Callable:
     on an FSDP mesh it picked a replicated batch with weights kept split along ``embed`` (measured on a
     v6e-64 compile: every device held the whole global batch's activations, 39 GiB of temporaries with
     only 4 layers); see docs/compile_and_flops.md."""
-    train_cfg, model_cfg = config.train, config.model
     rules = parallel.logical_rules(config) if mesh is not None else None
-    num_images = int(config.data.pack.vae_images)
-    decay = float(train_cfg.ema_decay)
+    hooks = loss_hooks(config)  # the family's noise draws, loss normalisers and loss (sgt_jax/train/family.py)
+    decay = float(config.train.ema_decay)
     ema_device = None
     if spec.use_ema:
         ema_device = jax.tree.map(lambda s: s.with_memory_kind("device") if s.memory_kind == "pinned_host" else None,
@@ -62,12 +61,11 @@ def make_step_fn(config, spec: StateSpec, mesh: Mesh | None = None) -> Callable:
 
     def loss_fn(params, frozen, batch, noise, counts):
         model = nnx.merge(spec.graphdef, params, frozen, spec.rest)
-        kw = dict(noise=noise, counts=counts)
         if mesh is None:
-            return sgt_loss(model, batch, None, train_cfg, model_cfg, num_images, **kw)
+            return hooks.loss(model, batch, noise, counts)
         with activation_sharding(lambda x, names: parallel.constrain(x, names, rules, mesh)), \
                 sharded_kernels(mesh, lambda names, shape: parallel.logical_to_spec(names, shape, rules, mesh)):
-            return sgt_loss(model, batch, None, train_cfg, model_cfg, num_images, **kw)
+            return hooks.loss(model, batch, noise, counts)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -80,8 +78,8 @@ def make_step_fn(config, spec: StateSpec, mesh: Mesh | None = None) -> Callable:
         return jax.tree.map(one, tree)
 
     def loss_and_grads(params, frozen, batch, key):
-        noise = flow_noise(key, batch, model_cfg=model_cfg, num_images=num_images)
-        counts = token_counts(batch)
+        noise = hooks.noise(key, batch)
+        counts = hooks.counts(batch)
         if k_micro == 1:
             return grad_fn(params, frozen, batch, noise, counts)
 

@@ -226,3 +226,44 @@ def randomize_(model: nn.Module, seed: int) -> None:
             else:
                 fan_in = prm.shape[-1] if prm.ndim > 1 else 16
                 prm.copy_(torch.randn(prm.shape, generator=g) / fan_in ** 0.5)
+
+
+# ---- the denoising loop ----------------------------------------------------------------------------
+
+
+def reference_timesteps(num_steps: int, num_tokens: int) -> torch.Tensor:
+    """OmniGen2's ``FlowMatchEulerDiscreteScheduler.set_timesteps`` with the dynamic shift: linspace(0, 1,
+    N+1) without its end, ``t / (m - m·t + t)`` with m = sqrt(latent pixels) / 40, then 1 appended."""
+    t = torch.linspace(0, 1, num_steps + 1)[:-1]
+    m = num_tokens ** 0.5 / 40
+    t = t / (m - m * t + t)
+    return torch.cat([t, torch.ones(1)])
+
+
+@torch.no_grad()
+def reference_denoise(model, latents, text, mask, neg_text, neg_mask, refs, *, num_steps, text_scale,
+                      image_scale, cfg_range):
+    """The official pipeline's processing loop, one transformer call per CFG pass: at step i guidance is on
+    iff cfg_range[0] <= i/N <= cfg_range[1]; with references and both scales > 1 three passes
+    (prompt + refs, negative + refs, negative without refs), with the text scale alone two (the second
+    without refs), otherwise the conditional pass only; the scheduler's Euler step in fp32. ``latents``:
+    list of [C, H, W]; ``refs``: per sample a list of [C, h, w] or None."""
+    ts = reference_timesteps(num_steps, latents[0].shape[1] * latents[0].shape[2])
+    b = len(latents)
+    for i in range(num_steps):
+        t = ts[i].expand(b).to(latents[0].dtype)
+        active = cfg_range[0] <= i / num_steps <= cfg_range[1]
+        tg, ig = (text_scale, image_scale) if active else (1.0, 1.0)
+        v_c = model(latents, t, text, mask, refs)
+        if tg > 1 and ig > 1 and refs is not None:
+            v_r = model(latents, t, neg_text, neg_mask, refs)
+            v_u = model(latents, t, neg_text, neg_mask, None)
+            v = [u + ig * (r - u) + tg * (c - r) for c, r, u in zip(v_c, v_r, v_u)]
+        elif tg > 1:
+            v_u = model(latents, t, neg_text, neg_mask, None)
+            v = [u + tg * (c - u) for c, u in zip(v_c, v_u)]
+        else:
+            v = v_c
+        dt = ts[i + 1] - ts[i]
+        latents = [(x.float() + dt * vv.float()).to(vv.dtype) for x, vv in zip(latents, v)]
+    return latents

@@ -75,7 +75,7 @@ def test_import_export_round_trip_bit_identical(folder, imported, tmp_path):
     src, src_dtypes = _dir_tensors(os.path.join(folder, "transformer"))
     want = state_dict_to_tree(dit_table(cfg_dit), {k: v[1] for k, v in src.items()})
     for path, arr in flatten_paths(want).items():
-        got = params["transformer"]
+        got = params["dit"]
         for p in path:
             got = got[p]
         np.testing.assert_array_equal(np.asarray(got), arr)

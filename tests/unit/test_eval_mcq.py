@@ -118,3 +118,24 @@ def test_geneval_layout(tmp_path):
     assert seen[3] == ("a red dog", 7 + 1000 + 1)
     again = geneval.run_geneval(str(meta), str(out), gen, n_per_prompt=2, seed=7, progress=False)
     assert again["images_written"] == 0 and again["prompts_skipped"] == 2
+
+
+def test_benchmark_images_are_read_as_displayed(tmp_path):
+    """A phone JPEG (pixels stored sideways, EXIF Orientation=6) is shown upright to the model, from a path
+    or from embedded bytes; a corrupt image is refused naming it."""
+    shown = np.zeros((32, 48, 3), np.uint8)
+    shown[:16, :24] = (250, 30, 30)  # red top-left quadrant of the displayed picture
+    stored = Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    (tmp_path / "phone.jpg").write_bytes(buf.getvalue())
+    for value in ("phone.jpg", {"bytes": buf.getvalue()}):
+        got = np.asarray(mcq.image_of(dict(image=value, base_dir=str(tmp_path))))
+        assert got.shape == shown.shape
+        assert got[4, 4, 0] > 200 and got[4, 4, 1] < 80  # red where the viewer sees red
+        assert got[-4, -4].max() < 60
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    with pytest.raises(ValueError, match="bad.jpg.*not a readable image"):
+        mcq.image_of(dict(image="bad.jpg", base_dir=str(tmp_path)))

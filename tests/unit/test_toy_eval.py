@@ -176,3 +176,33 @@ def test_stage_runner_skips_finished_stages(tmp_path):
     with pytest.raises(RuntimeError):
         toy_sgt.run_stage(str(tmp_path), "b", boom, log=lambda *_: None)
     assert not os.path.exists(tmp_path / "stages" / "b.json")  # an unfinished stage runs again next time
+
+
+def test_report_checks_the_papers_ordering():
+    """The report's ordering section says 'higher' only when the paired interval excludes 0."""
+    _bench()
+    import toy_sgt_report
+
+    rng = np.random.default_rng(0)
+    q = 200
+    base = rng.random(q) < 0.5
+    flip = lambda p: np.where(rng.random(q) < p, ~base, base)  # noqa: E731 - a near copy of base
+    evals = {"base": {"mcq": [{"correct": c} for c in base]}}
+    acc = {"sft": base, "sgt_2to1": base | (rng.random(q) < 0.6), "recon_2to1": flip(0.05)}
+    for arm, corr in acc.items():
+        for s in range(2):
+            evals[f"{arm}_s{s}"] = {"mcq": [{"correct": c} for c in corr]}
+    mcq = {a: bootstrap.mean_ci(toy_sgt_report._matrix(evals, a, 2, "mcq", "correct")) for a in ("base", *acc)}
+    text = "\n".join(toy_sgt_report._ordering_section(evals, 2, mcq, None))
+    assert "sgt_2to1 is higher than sft" in text
+    assert "sgt_2to1 is higher than recon_2to1" in text
+    assert "edge_2to1 is" not in text  # an arm that was not evaluated is not compared
+    assert "Arms by mean MCQ accuracy here: sgt_2to1" in text
+    acc2 = dict(evals)
+    for s in range(2):
+        acc2[f"recon_2to1_s{s}"] = evals[f"sft_s{s}"]
+    text2 = "\n".join(toy_sgt_report._ordering_section(acc2, 2, mcq, None))
+    assert "sgt_2to1 is higher than recon_2to1" in text2
+    acc2["sgt_2to1_s0"] = acc2["sgt_2to1_s1"] = evals["sft_s0"]
+    text3 = "\n".join(toy_sgt_report._ordering_section(acc2, 2, mcq, None))
+    assert "sgt_2to1 is not distinguishable from sft: +0.0 points" in text3

@@ -336,9 +336,12 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     c.compile.vit_live_fraction = 0.55 if base == "7b" else 0.0
     # Remat search: compile the policies of remat_candidates (() = sgt_jax/models/remat.py SEARCH_ORDER, the
     # least recompute first) and report the first that leaves hbm_headroom of the HBM free.
+    # candidate_timeout_s > 0: each candidate compiles in a child process killed after that long (a timed-out
+    # candidate is recorded and the search goes on); rows go to <workdir>/remat_search_<topology>.jsonl.
     c.compile.search_remat = False
     c.compile.remat_candidates = ()
     c.compile.hbm_headroom = 0.1
+    c.compile.candidate_timeout_s = 0
 
     # ---- generate / understand / segment / evaluate / analysis (sgt_jax/sampling, sgt_jax/eval) ----
     _inference(c, base)

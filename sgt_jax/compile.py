@@ -301,7 +301,7 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  remat search: {row['policy']:<20} " + (
             f"{_gib(row['total_bytes'])} ({100 * row['hbm_fraction']:.1f}% of HBM"
             + (f", host {_gib(row['host_temp_bytes'])}" if row.get("host_temp_bytes") else "") + ")"
-            if "total_bytes" in row else "compiler OOM") + (" <- chosen" if row["policy"] == r.get("chosen") else ""))
+            if "total_bytes" in row else "timed out" if row.get("timed_out") else "compiler OOM") + (" <- chosen" if row["policy"] == r.get("chosen") else ""))
     if "remat_search" in r and not r.get("chosen"):
         lines.append(f"  remat search: no policy fits with {100 * r['hbm_headroom']:.0f}% HBM headroom; the "
                      "last one tried is reported below")
@@ -312,6 +312,8 @@ def format_report(r: dict[str, Any]) -> str:
                      f"{_gib(r['hbm_bytes'])} ({100 * r['hbm_fraction']:.1f}%)")
     elif "total_bytes" in r:
         lines.append(f"HBM per chip: total {_gib(r['total_bytes'])} of {_gib(r['hbm_bytes'])}")
+    elif r.get("timed_out"):
+        lines.append(f"compile timed out after {r.get('compile_s', 0):.0f} s (compile.candidate_timeout_s)")
     else:
         lines.append(f"compiler OOM: {r.get('oom_message', '')}")
     if "analytic_flops" in r:
@@ -354,6 +356,20 @@ def _build_train_step(config, mesh):
     return jitted, (abstract_state, abstract_batch(config, batch_sharding))
 
 
+def _report_header(config, spec: TopologySpec, num_slices: int, mesh) -> dict[str, Any]:
+    """What the report says about the run before any compile: topology, mesh, pack, settings."""
+    budgets = flops_lib.budgets_from_config(config)
+    packs, n = int(config.data.packs_per_batch), int(mesh.size)
+    return {"topology": spec.name, "libtpu_topology": spec.libtpu_name, "num_chips": spec.num_chips,
+            "num_slices": num_slices, "num_devices": n, "hosts": spec.hosts * num_slices,
+            "chip": spec.chip.name, "chip_peak_bf16_flops": spec.chip.peak_bf16_flops,
+            "mesh": dict(mesh.shape), "packs_per_step": packs, "tokens_per_pack": budgets.tokens,
+            "tokens_per_chip": packs * budgets.tokens / n, "variant": config.variant,
+            "pack_budgets": dataclasses.asdict(budgets), "remat_policy": str(config.model.remat_policy),
+            "ema_dtype": str(config.train.ema_dtype), "latents": str(config.data.latents),
+            "microbatches": int(config.train.microbatches), "mu_dtype": str(config.optim.mu_dtype)}
+
+
 def compile_config(config, *, devices=None, spec: TopologySpec | None = None, num_slices: int = 1,
                    builder: Callable | None = None, progress: Callable[[str], None] = lambda m: None,
                    count_oom_flops: bool = True) -> dict[str, Any]:
@@ -369,24 +385,24 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
 
         return omnigen2_flops.compile_report(config, devices, spec, num_slices, builder or _build_train_step,
                                              progress, count_oom_flops)
-    n = len(devices)
-    budgets = flops_lib.budgets_from_config(config)
-    packs = int(config.data.packs_per_batch)
     mesh = mesh_lib.make_mesh(config.mesh, devices)
-    progress(f"{spec.name}: {n} abstract devices, mesh {dict(mesh.shape)}; building the abstract train state")
+    progress(f"{spec.name}: {len(devices)} abstract devices, mesh {dict(mesh.shape)}; building the abstract "
+             "train state")
     jitted, args = (builder or _build_train_step)(config, mesh)
-    report = {"topology": spec.name, "libtpu_topology": spec.libtpu_name, "num_chips": spec.num_chips,
-              "num_slices": num_slices, "num_devices": n, "hosts": spec.hosts * num_slices,
-              "chip": spec.chip.name, "chip_peak_bf16_flops": spec.chip.peak_bf16_flops,
-              "mesh": dict(mesh.shape), "packs_per_step": packs, "tokens_per_pack": budgets.tokens,
-              "tokens_per_chip": packs * budgets.tokens / n, "variant": config.variant,
-              "pack_budgets": dataclasses.asdict(budgets), "remat_policy": str(config.model.remat_policy),
-              "ema_dtype": str(config.train.ema_dtype), "latents": str(config.data.latents),
-              "microbatches": int(config.train.microbatches), "mu_dtype": str(config.optim.mu_dtype)}
+    report = _report_header(config, spec, num_slices, mesh)
     report.update(compile_and_analyse(jitted, args, hbm_bytes=spec.chip.hbm_bytes, progress=progress))
     if not report["fits"] and not count_oom_flops:
         return report
     progress("counting the traced program's FLOPs")
+    report.update(count_flops(config, jitted, args))
+    return report
+
+
+def count_flops(config, jitted, args) -> dict[str, Any]:
+    """The FLOP part of the report, from the traced program alone (no compile): analytic model FLOPs,
+    traced FLOPs (every attention block), and executed FLOPs at the configured live fractions."""
+    budgets = flops_lib.budgets_from_config(config)
+    packs = int(config.data.packs_per_batch)
     analytic = flops_lib.step_flops(config.model, budgets, packs=packs, frozen=flops_frozen_modules(config),
                                     vae_online=latents_online(config))
     act = flops_lib.active_params(config.model)
@@ -396,11 +412,11 @@ def compile_config(config, *, devices=None, spec: TopologySpec | None = None, nu
     counts = traced_counts(jitted, *args)
     traced, skippable = counts["dot_general"] + counts["conv"], counts["cond_skippable"]
     kernels = {k: counts[k] for k in KERNEL_KEYS}
-    report.update({"analytic_flops": analytic.total, "analytic_by_module": dict(analytic.by_module),
-                   "remat_recompute_flops": analytic.remat_recompute_flops(), "six_n_tokens_flops": six_n,
-                   "traced_flops": traced, "traced_over_analytic": traced / analytic.total,
-                   "traced_over_analytic_plus_remat": traced / (analytic.total + analytic.remat_recompute_flops()),
-                   "skippable_flops": skippable, "kernel_flops": kernels, "trace_s": time.time() - t0})
+    report = {"analytic_flops": analytic.total, "analytic_by_module": dict(analytic.by_module),
+              "remat_recompute_flops": analytic.remat_recompute_flops(), "six_n_tokens_flops": six_n,
+              "traced_flops": traced, "traced_over_analytic": traced / analytic.total,
+              "traced_over_analytic_plus_remat": traced / (analytic.total + analytic.remat_recompute_flops()),
+              "skippable_flops": skippable, "kernel_flops": kernels, "trace_s": time.time() - t0}
     live = _fraction(config, "attention_live_fraction")
     vit_live = _fraction(config, "vit_live_fraction") if kernels["kernel_vit"] else 0.0
     if live and (vit_live or not kernels["kernel_vit"]):
@@ -422,15 +438,20 @@ def _fraction(config, field: str) -> float:
     return value
 
 
-def search_remat(config, *, headroom: float, candidates=None, **kw) -> dict[str, Any]:
+def search_remat(config, *, headroom: float, candidates=None, timeout_s: float = 0.0,
+                 on_row: Callable[[dict], None] = lambda row: None, **kw) -> dict[str, Any]:
     """Compile ``config`` with each remat policy of ``candidates`` (default ``remat.SEARCH_ORDER``: least
     recompute first) until one fits with ``headroom`` (a fraction of HBM) left; return its report with
-    ``remat_search`` (every policy tried: its HBM total or OOM) and ``chosen`` (None when none fits: the
-    report is then the last policy's). ``kw`` goes to ``compile_config``."""
+    ``remat_search`` (every policy tried: its HBM total, OOM, or timeout) and ``chosen`` (None when none
+    fits: the report is then the last policy's). ``timeout_s`` > 0 compiles each candidate in a child
+    process killed after that many seconds (the row says ``timed_out``; the search goes on to the next,
+    heavier policy); ``on_row`` gets each row as soon as it is known. ``kw`` goes to ``compile_config``."""
     from sgt_jax.models import remat as remat_lib  # noqa: PLC0415
 
     if not 0.0 <= headroom < 1.0:
         raise ValueError(f"config.compile.hbm_headroom must be in [0, 1), got {headroom}")
+    if timeout_s < 0:
+        raise ValueError(f"config.compile.candidate_timeout_s must be >= 0, got {timeout_s}")
     candidates = tuple(candidates or remat_lib.SEARCH_ORDER)
     unknown = [c for c in candidates if c not in remat_lib.POLICIES]
     if unknown or not candidates:
@@ -439,15 +460,61 @@ def search_remat(config, *, headroom: float, candidates=None, **kw) -> dict[str,
     tried, report = [], None
     for policy in candidates:
         config.model.remat_policy = policy
-        progress(f"remat search: {policy}")
-        report = compile_config(config, count_oom_flops=False, **kw)
+        progress(f"remat search: {policy}" + (f" (timeout {timeout_s:.0f} s)" if timeout_s else ""))
+        if timeout_s:
+            report = _compile_in_child(config, timeout_s, kw)
+        else:
+            report = compile_config(config, count_oom_flops=False, **kw)
         row = {"policy": policy, "fits": report["fits"], "compile_s": report.get("compile_s")}
-        row.update({k: report[k] for k in ("total_bytes", "hbm_fraction", "host_temp_bytes") if k in report})
+        row.update({k: report[k] for k in ("total_bytes", "hbm_fraction", "host_temp_bytes", "timed_out")
+                    if k in report})
         tried.append(row)
+        on_row(row)
         if report["fits"] and report["hbm_fraction"] <= 1.0 - headroom:
+            if timeout_s and family(config) != "omnigen2":  # the child compiled it: count FLOPs here (trace only)
+                mesh = mesh_lib.make_mesh(config.mesh, kw.get("devices") or topology_devices(kw["spec"],
+                                                                                            kw["num_slices"]))
+                report.update(count_flops(config, *(kw.get("builder") or _build_train_step)(config, mesh)))
             report.update(remat_search=tried, chosen=policy, hbm_headroom=headroom)
             return report
     report.update(remat_search=tried, chosen=None, hbm_headroom=headroom)
+    return report
+
+
+def _child_compile(config, spec, num_slices, conn):  # runs in a spawned process (_compile_in_child)
+    jax.config.update("jax_platforms", "cpu")
+    conn.send(compile_config(config, spec=spec, num_slices=num_slices, count_oom_flops=False))
+    conn.close()
+
+
+def _compile_in_child(config, timeout_s: float, kw: dict) -> dict[str, Any]:
+    """``compile_config`` in a fresh process, killed after ``timeout_s`` (a TPU compile cannot be interrupted
+    in-process). Only the default builder crosses the process boundary."""
+    import multiprocessing  # noqa: PLC0415
+
+    if kw.get("builder") is not None or kw.get("devices") is not None:
+        raise ValueError("compile.candidate_timeout_s compiles in a child process: it takes the topology "
+                         "(spec, num_slices), not devices or a builder")
+    spec = kw["spec"]
+    ctx = multiprocessing.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_compile, args=(config, spec, kw.get("num_slices", 1), send), daemon=True)
+    t0 = time.time()
+    proc.start()
+    send.close()
+    report = recv.recv() if recv.poll(timeout_s) else None
+    proc.join(5 if report is not None else 0)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+    if report is None:
+        if proc.exitcode not in (None, 0, -9):
+            raise RuntimeError(f"remat search: the compile of {config.model.remat_policy!r} failed in its "
+                               f"child process (exit code {proc.exitcode}); run it without "
+                               "compile.candidate_timeout_s to see the error")
+        mesh = mesh_lib.make_mesh(config.mesh, topology_devices(spec, kw.get("num_slices", 1)))
+        return {**_report_header(config, spec, kw.get("num_slices", 1), mesh), "fits": False, "timed_out": True,
+                "hbm_bytes": spec.chip.hbm_bytes, "compile_s": time.time() - t0}
     return report
 
 
@@ -473,8 +540,16 @@ def run(config, args) -> int:
     spec, num_slices = _apply_compile_overrides(config)
     kw = dict(spec=spec, num_slices=num_slices, progress=lambda m: print(f"[compile] {m}", flush=True))
     if bool(config.compile.search_remat):
+        os.makedirs(args.workdir, exist_ok=True)
+        rows_path = os.path.join(args.workdir, f"remat_search_{spec.name}.jsonl")
+
+        def on_row(row):  # each candidate's result is on disk as soon as it is known
+            with open(rows_path, "a") as f:
+                f.write(json.dumps(row, default=float) + "\n")
+
         report = search_remat(config, headroom=float(config.compile.hbm_headroom),
-                              candidates=tuple(config.compile.remat_candidates or ()), **kw)
+                              candidates=tuple(config.compile.remat_candidates or ()),
+                              timeout_s=float(config.compile.candidate_timeout_s), on_row=on_row, **kw)
     else:
         report = compile_config(config, **kw)
     text = format_report(report)

@@ -174,8 +174,8 @@ class SwiGLU(nnx.Module):
         self.down_proj = Dense(intermediate, hidden, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        # tagged for the remat policies that save or offload the MLP inputs (sgt_jax/models/remat.py)
-        gate, up = (checkpoint_name(y, "mlp_in") for y in (self.gate_proj(x), self.up_proj(x)))
+        # tagged for the remat policies that save or offload the MLP's gate/up outputs (sgt_jax/models/remat.py)
+        gate, up = checkpoint_name(self.gate_proj(x), "mlp_gate"), checkpoint_name(self.up_proj(x), "mlp_up")
         hidden = jax.nn.silu(gate) * up
         if hidden.ndim == 3:
             hidden = constrain(hidden, ("batch", "seq", "act_mlp"))

@@ -114,7 +114,8 @@ class MoTLayer(nnx.Module):
             ctx, probs = attn_lib.dense_attention(q, keys, vals, meta, k_meta, return_probs=True)
         else:
             ctx = attn_lib.attention(q, keys, vals, meta, k_meta, impl=impl, chunk=chunk, blocks=blocks)
-        ctx = checkpoint_name(ctx, "attn_out")
+        if return_probs or attn_lib.resolve_impl(impl) != "pallas":  # the kernel tags its own o and lse
+            ctx = checkpoint_name(ctx, "attn_out")
         outs = [e.attn_out(x[:, a:b], ctx[:, a:b], freeze_und and e is self.und) for e, a, b in slices]
         x = jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
         return constrain(x, ("batch", "seq", "act_embed")), (k, v), probs

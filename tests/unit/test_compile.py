@@ -246,11 +246,21 @@ def test_train_step_with_pallas_attention_lowers_for_tpu(libtpu):
     assert "sdy.manual_computation" in text or "SPMDFullToShardShape" in text  # shard_map (Shardy or GSPMD)
     counts = C.traced_counts(jitted, state, batch)
     assert counts["kernel_llm"] > 0 and counts["kernel_vit"] > 0 and counts["cond_skippable"] == 0
+    # Under remat, a policy that saves the kernel's output and log-sum-exp (qkv_out) spares the forward
+    # kernel's recompute inside the shard_map: 9 of the 11 matmul units per pair instead of 11 (full).
+    llm = {}
+    for policy in ("full", "qkv_out"):
+        cfg.model.remat_policy = policy
+        jitted, args = C._build_train_step(cfg, mesh)
+        llm[policy] = C.traced_counts(jitted, *args)["kernel_llm"]
+    assert llm["full"] * 9 == llm["qkv_out"] * 11, llm
 
 
 def test_remat_search_keeps_the_first_policy_with_headroom(libtpu):
     """The search compiles policies in order and stops at the first that fits with the headroom: here a
     stand-in step whose size depends on the policy (OOM, fits without 10 % headroom, fits with it)."""
+    from sgt_jax.models import remat
+
     cfg = load_config("configs/sgt_tiny.py")
     spec = C.parse_topology("v5litepod-4")  # 16 GB per chip
     devices = C.topology_devices(spec)
@@ -265,16 +275,34 @@ def test_remat_search_keeps_the_first_policy_with_headroom(libtpu):
         extra = (lambda a: (a * 2, a + 1, a * 3, a - 1)) if policy == "dots" else (lambda a: a + 1)
         return jax.jit(extra), (x,)
 
-    rep = C.search_remat(cfg, headroom=0.1, devices=devices, spec=spec, builder=builder)
-    assert tried == ["dots", "dots_no_batch", "qkv_out"]
-    assert rep["chosen"] == "qkv_out" and rep["remat_policy"] == "qkv_out"
+    rows = []
+    rep = C.search_remat(cfg, headroom=0.1, devices=devices, spec=spec, builder=builder, on_row=rows.append)
+    third = remat.SEARCH_ORDER[2]
+    assert tried == ["dots", "dots_no_batch", third]
+    assert rep["chosen"] == third and rep["remat_policy"] == third
     assert [(t["policy"], t["fits"]) for t in rep["remat_search"]] == [
-        ("dots", False), ("dots_no_batch", True), ("qkv_out", True)]
+        ("dots", False), ("dots_no_batch", True), (third, True)]
+    assert rows == rep["remat_search"]
     assert rep["remat_search"][1]["hbm_fraction"] > 0.9
     text = C.format_report(rep)
-    assert "qkv_out" in text and "<- chosen" in text and "compiler OOM" in text
+    assert third in text and "<- chosen" in text and "compiler OOM" in text
     tried.clear()
     rep = C.search_remat(cfg, headroom=0.1, candidates=("dots",), devices=devices, spec=spec, builder=builder)
     assert rep["chosen"] is None and "no policy fits with 10% HBM headroom" in C.format_report(rep)
     with pytest.raises(ValueError, match="remat_candidates"):
         C.search_remat(cfg, headroom=0.1, candidates=("bogus",), devices=devices, spec=spec, builder=builder)
+
+
+def test_remat_search_candidate_timeout_is_recorded_and_the_search_goes_on(libtpu):
+    """With compile.candidate_timeout_s each candidate compiles in a child process killed at the timeout;
+    the row says so and the next candidate is tried (here every one times out: nothing chosen)."""
+    cfg = load_config("configs/sgt_tiny.py")
+    cfg.compile.topology = "v5p-8"
+    rows = []
+    rep = C.search_remat(cfg, headroom=0.1, candidates=("qkv_out", "full"), timeout_s=0.2,
+                         spec=C.parse_topology("v5p-8"), num_slices=1, on_row=rows.append)
+    assert [(r["policy"], r["fits"], r.get("timed_out")) for r in rows] == [("qkv_out", False, True),
+                                                                            ("full", False, True)]
+    assert rep["chosen"] is None and "timed out" in C.format_report(rep)
+    with pytest.raises(ValueError, match="candidate_timeout_s"):
+        C.search_remat(cfg, headroom=0.1, timeout_s=-1, spec=C.parse_topology("v5p-8"))

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sgt_jax import compile as C
 from sgt_jax.models import attention as A
 from sgt_jax.models.attention import TokenMeta
 from sgt_jax.models.kernels import flash_bagel as K
@@ -146,3 +147,32 @@ def test_vit_image_attention_through_the_kernel():
     ref = image_attention(q, k, v, ids, impl="dense")
     np.testing.assert_allclose(out[:, :21], ref[:, :21], atol=2e-5, rtol=1e-5)
     assert np.all(np.asarray(out[:, 21:]) == 0)
+
+
+def test_remat_policy_can_save_the_kernel_residuals():
+    """The forward kernel is recomputed in the backward pass under full remat, and not when the policy saves
+    its output and log-sum-exp (tags ``attn_out``, ``attn_lse``): the forward call is a DCE-able jit call."""
+    from sgt_jax.models import remat
+
+    q, k, v, w = _inputs()
+    meta = next(layouts(1, seed=5))
+
+    def layer(q, k, v):
+        return jnp.sum(K.flash_attention(q, k, v, meta, meta, block_q=BLOCK, block_k=BLOCK, interpret=True) * w)
+
+    def kernel_calls(policy):
+        jaxpr = jax.make_jaxpr(jax.grad(remat.remat(layer, policy), argnums=(0, 1, 2)))(q, k, v)
+        names = []
+
+        def walk(jx):
+            for eqn in jx.eqns:
+                if eqn.primitive.name == "pallas_call":
+                    names.append(str(eqn.params["name"]).rsplit("_", 1)[-1])
+                for sub in C._sub_jaxprs(eqn):
+                    walk(sub)
+
+        walk(jaxpr.jaxpr)
+        return sorted(names)
+
+    assert kernel_calls("full") == ["dkv", "dq", "fwd", "fwd"]
+    assert kernel_calls("qkv_out") == kernel_calls("none") == ["dkv", "dq", "fwd"]

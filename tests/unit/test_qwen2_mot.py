@@ -154,16 +154,24 @@ def test_activation_sharding_hook_sees_named_activations(reference):
     assert all(len(n) == nd for n, nd in seen)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug: the offload policy's gradients differ from no-remat by ~10 % "
-                   "on the CPU backend (unexplained); the policy is kept out of remat.SEARCH_ORDER")
-def test_offload_remat_policy_same_gradients():
-    """An offloading remat policy should give the no-remat gradients."""
+@pytest.fixture(scope="module")
+def no_remat_grads():
     x, meta, rope = inputs(3)
-    _, ref = _loss_and_grads(model_cfg(), x, meta, rope)
-    _, g = _loss_and_grads(model_cfg(remat_policy="qkv_out_offload_mlp"), x, meta, rope)
-    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(g)):
-        a, b = np.asarray(a), np.asarray(b)
-        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5 * np.abs(a).max())
+    return _loss_and_grads(model_cfg(), x, meta, rope)[1]
+
+
+@pytest.mark.parametrize("policy", ["full", "qkv_out_up", "qkv_out_offload_mlp", "offload_qkv_out"])
+def test_remat_policy_same_gradients(policy, no_remat_grads):
+    """Saving, offloading or recomputing changes what the backward pass stores, not the gradients. The
+    tolerance is relative to the largest gradient: in this layout some leaves (the gen expert's q/o/MLP)
+    have gradients ~1e-5 that cancel from O(1) terms, so fp32 rounding of a different evaluation order
+    (~1e-6 absolute, for every policy including ``full``) is 10-25 % of those leaves' own scale."""
+    x, meta, rope = inputs(3)
+    _, g = _loss_and_grads(model_cfg(remat_policy=policy), x, meta, rope)
+    ref = jax.tree.leaves(no_remat_grads)
+    scale = max(float(np.abs(np.asarray(a)).max()) for a in ref)
+    for a, b in zip(ref, jax.tree.leaves(g)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=2e-6 * scale)
 
 
 def test_remat_policies_recompute_in_search_order():

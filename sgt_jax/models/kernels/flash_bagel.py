@@ -16,8 +16,9 @@ Structure (the splash idea, with a mask that is data):
   dk/dv kernel uses the transposed table (live query blocks per key block).
 - Forward: online softmax over the live key blocks, fp32 scores/accumulators, bf16 (input dtype)
   operands; outputs ``o`` and the log-sum-exp (lane-broadcast, as the TPU layout wants).
-- Backward (``jax.custom_vjp``): residuals are q, k, v, o and the log-sum-exp only; a dq kernel (grid like
-  the forward) and a dk/dv kernel (grid over key blocks, query heads of the group, live query blocks).
+- Backward (``jax.custom_vjp``): residuals are q, k, v, o and the log-sum-exp only (o and the
+  log-sum-exp tagged ``attn_out`` / ``attn_lse`` for the remat policies); a dq kernel (grid like the
+  forward) and a dk/dv kernel (grid over key blocks, query heads of the group, live query blocks).
 - GQA: query head h reads KV head ``h // group`` through the index map; dk/dv accumulate over the group,
   so K/V are never repeated in memory.
 - Rows with no visible key (pads) output exactly 0 and get zero gradients.
@@ -33,6 +34,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -209,7 +211,10 @@ def _forward(cfg, q, k, v, qm, km, fidx, fcnt):
         pl.BlockSpec((None, 4, _SUBLANES, bk), lambda b, h, i, s, idx, cnt: (b, 0, 0, idx[(b * nq + i) * nk + s])),
     ]
     kernel = functools.partial(_fwd_kernel, scale=cfg.scale, nq=nq, nk=nk, bk=bk)
-    o, lse = pl.pallas_call(
+    # Wrapped in ``jax.jit``: jax never dead-code-eliminates a bare ``pallas_call`` (its DCE rule keeps
+    # every call), so under ``jax.checkpoint`` the recomputed forward would stay in the backward pass even
+    # when a remat policy saves ``o`` and the log-sum-exp; a jit call whose outputs are unused is removed.
+    o, lse = jax.jit(pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(bsz, hq, nq, nk), in_specs=specs,
@@ -221,7 +226,7 @@ def _forward(cfg, q, k, v, qm, km, fidx, fcnt):
                                       bytes_accessed=0),
         name=f"{cfg.name}_fwd",
         **_params(cfg.interpret, ("parallel", "parallel", "parallel", "arbitrary")),
-    )(fidx, fcnt, q, k, v, qm, km)
+    ))(fidx, fcnt, q, k, v, qm, km)
     return o, lse[..., 0]
 
 
@@ -287,6 +292,9 @@ def _flash(cfg, q, k, v, qm, km, fidx, fcnt, bidx, bcnt):
 
 def _flash_fwd(cfg, q, k, v, qm, km, fidx, fcnt, bidx, bcnt):
     o, lse = _forward(cfg, q, k, v, qm, km, fidx, fcnt)
+    # Named for the remat policies (sgt_jax/models/remat.py): saving these two spares the forward kernel's
+    # recompute in the backward pass; q, k, v come back from the tensors tagged ``qkv`` by transposes.
+    o, lse = checkpoint_name(o, "attn_out"), checkpoint_name(lse, "attn_lse")
     return o, (q, k, v, qm, km, fidx, fcnt, bidx, bcnt, o, lse)
 
 

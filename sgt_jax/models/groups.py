@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-GROUPS = ("vit", "connector", "und", "gen", "embeddings", "lm_head", "vae",  # Bagel (and the VAE of both)
-          "mllm_vision", "mllm_text", "dit")  # OmniGen2: Qwen2.5-VL's vision tower, its LLM, the DiT
+BAGEL_GROUPS = ("vit", "connector", "und", "gen", "embeddings", "lm_head", "vae")
+OMNIGEN2_GROUPS = ("mllm_vision", "mllm_text", "dit", "vae")  # Qwen2.5-VL's vision tower, its LLM, the DiT
+GROUPS = BAGEL_GROUPS + OMNIGEN2_GROUPS[:-1]
 
 
 def group_of(path: Sequence[str]) -> str:

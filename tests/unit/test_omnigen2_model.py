@@ -6,7 +6,7 @@ from flax import nnx
 
 from sgt_jax.checkpoint import omnigen2_folder
 from sgt_jax.configs_util import load_config
-from sgt_jax.models.groups import group_of
+from sgt_jax.models.groups import OMNIGEN2_GROUPS, group_of
 from sgt_jax.models.omnigen2 import OmniGen2
 from sgt_jax.parallel.sharding import abstract_params_of
 
@@ -22,7 +22,7 @@ def test_param_tree_is_the_import_tree(variant="tiny"):
     imported = omnigen2_folder.abstract_params(c.model.dit, c.model.vae, c.model.mllm, None, ())
     assert _paths(model) == _paths(imported)
     groups = {group_of(p) for p in _paths(model)}
-    assert groups == {"mllm_vision", "mllm_text", "dit", "vae"}
+    assert groups == set(OMNIGEN2_GROUPS) == {"mllm_vision", "mllm_text", "dit", "vae"}
 
 
 def test_3b_sizes():

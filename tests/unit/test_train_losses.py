@@ -132,6 +132,7 @@ def test_schedules():
 
 def test_freeze_groups_cover_bagel(tiny_config):
     from sgt_jax.models.bagel import abstract_params
+    from sgt_jax.models.groups import BAGEL_GROUPS
 
     with nnx.use_eager_sharding(False):
         tree = abstract_params(tiny_config.model)
@@ -139,7 +140,7 @@ def test_freeze_groups_cover_bagel(tiny_config):
     for path, _ in jax.tree_util.tree_leaves_with_path(tree):
         g = freeze.group_of([getattr(k, "key", k) for k in path])
         groups[g] = groups.get(g, 0) + 1
-    assert set(groups) == set(freeze.GROUPS)
+    assert set(groups) == set(BAGEL_GROUPS)
     assert freeze.frozen_groups(tiny_config) == {"vae"}
     tiny_config.train.freeze.vit = True
     assert freeze.frozen_groups(tiny_config) == {"vae", "vit"}

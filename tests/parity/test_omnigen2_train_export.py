@@ -5,6 +5,7 @@ parts changed, the frozen VAE is bit-identical, and the exported DiT is the chec
 import os
 from types import SimpleNamespace
 
+import jax
 import numpy as np
 import pytest
 
@@ -37,7 +38,9 @@ def _config_for(folder: str, imported: str):
     c.checkpoint.init_from = imported
     c.data.tokenizer = os.path.join(folder, "processor")
     c.data.quota.update(dict(seg=1, vqa=0))  # the fixture's rotary tables hold 64 text positions
-    c.data.packs_per_batch = 1
+    # One row per device: in the whole suite the 8 fake CPU devices of the multidevice tests exist, and the
+    # loop's mesh spans every device.
+    c.data.packs_per_batch = jax.device_count()
     c.data.omnigen2.update(dict(text_tokens=64, target_max_side=32, target_max_pixels=32 * 32, target_multiple=8))
     c.train.steps, c.checkpoint.every, c.checkpoint.async_save = 1, 1, False
     c.train.tensorboard = False

@@ -129,6 +129,13 @@ class _Row:
         self.ids.extend(int(i) for i in ids)
         self.label.extend([loss] * len(ids))
 
+    def system_turn(self, prompt: str) -> None:
+        """``<|im_start|>system\n{prompt}<|im_end|>\n`` (the chat template's first turn)."""
+        self.special(self.tok.bos)
+        self.text("system\n" + prompt, where="system prompt")
+        self.special(self.tok.eos)
+        self.text("\n")
+
     def text(self, s: str, loss: bool = False, where: str = "") -> None:
         ids = self.tok.encode(s, where=f"{self.key} {where}".strip())
         self.special(*ids, loss=loss)
@@ -214,10 +221,7 @@ def seg_plan(sample: dict, instruction: str, tok, pc: PlanConfig) -> dict:
     if task not in records.SEG_TASKS:
         raise BadSample("bad_record", f"{key}: seg_plan needs a segmentation-family task, got {task!r}")
     r = _Row(tok, pc, key)
-    r.special(tok.bos)
-    r.text("system\n" + pc.system_prompt, where="system prompt")
-    r.special(tok.eos)
-    r.text("\n")
+    r.system_turn(pc.system_prompt)
     r.special(tok.bos)
     r.text("user\n<img1>: ")
     r.image(sample["image"])
@@ -239,10 +243,7 @@ def vqa_plan(sample: dict, tok, pc: PlanConfig) -> dict:
     if n_markers != len(images):
         raise BadSample("image_count_mismatch", f"{key}: {n_markers} <image> markers, {len(images)} images")
     r = _Row(tok, pc, key)
-    r.special(tok.bos)
-    r.text("system\n" + pc.vqa_system_prompt, where="system prompt")
-    r.special(tok.eos)
-    r.text("\n")
+    r.system_turn(pc.vqa_system_prompt)
     it = iter(images)
     for i, turn in enumerate(turns):
         r.special(tok.bos)

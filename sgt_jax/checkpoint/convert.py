@@ -449,8 +449,9 @@ def _run_family(workdir: str, step: int) -> str:
 def run_export_omnigen2_checkpoint(config, args, steps: list[int]) -> int:
     """``--mode export`` of an OmniGen2 training checkpoint (``--weights`` ema|raw; raw when the run kept
     no EMA) -> an OmniGen2 folder. The folder layout (keys, dtypes, shard files, the MLLM's other files)
-    comes from the imported workdir the run started from (``checkpoint.init_from``), so that the export
-    loads wherever the source folder did."""
+    comes from what the run started from (``checkpoint.init_from``): the imported workdir's
+    params_meta.json, or the OmniGen2 folder's configs and headers, so that the export loads wherever the
+    source folder did."""
     from sgt_jax.checkpoint import omnigen2_folder
 
     step = steps[-1] if args.step is None else int(args.step)
@@ -458,11 +459,15 @@ def run_export_omnigen2_checkpoint(config, args, steps: list[int]) -> int:
         raise FileNotFoundError(f"--step {step}: {args.workdir} has training checkpoints {steps}")
     run_config = store.read_json_item(args.workdir, step, "config")
     init_from = str(run_config["checkpoint"]["init_from"] or "")
-    if not (init_from and os.path.exists(os.path.join(init_from, store.PARAMS_META))):
-        raise ValueError(f"{args.workdir}: an OmniGen2 training checkpoint exports through the imported workdir "
-                         f"its run started from (checkpoint.init_from, written by --mode import), which gives the "
-                         f"folder layout; this run's init_from is {init_from!r}")
-    meta = store.read_params_meta(init_from)
+    if init_from and os.path.exists(os.path.join(init_from, store.PARAMS_META)):
+        meta = store.read_params_meta(init_from)
+    elif init_from and omnigen2_folder.is_omnigen2_folder(init_from):
+        meta = omnigen2_folder.folder_meta(init_from, config)
+    else:
+        raise ValueError(f"{args.workdir}: an OmniGen2 training checkpoint exports in the layout of what its run "
+                         f"started from (checkpoint.init_from: an OmniGen2 folder or a workdir written by "
+                         f"--mode import); this run's init_from is {init_from!r} (gone, or a run from random "
+                         f"weights, which has no released layout to write)")
     cfg_dit, cfg_vae, cfg_mllm = omnigen2_folder.configs_from_meta(meta)
     layout = store.read_json_item(args.workdir, step, "layout")
     weights = args.weights if layout.get("ema", True) else "raw"

@@ -248,15 +248,8 @@ def import_folder(source: str, config=None, mesh=None, rules=None):
     """OmniGen2 folder -> ``(params, cfg_dit, cfg_vae, meta)``; ``params = {"dit", "vae", "mllm"}``
     of sharded jax.Arrays over ``mesh`` with the logical ``rules`` (default: ``config.mesh``). The MLLM's
     config is ``configs_from_meta(meta)[2]`` (compute settings from ``config.model.mllm`` when present)."""
-
-
-    # An OmniGen2 run config may carry model.dit / model.vae / model.mllm (no such config file is in the
-    # repository yet).
-    model_cfg = config.model if config is not None and "model" in config else {}
-    base_dit, base_vae, base_mllm = (model_cfg[k] if k in model_cfg else None for k in ("dit", "vae", "mllm"))
-    fold, cfg_dit, cfg_vae, cfg_mllm = open_folder(source, base_dit, base_vae, base_mllm)  # every problem first
+    fold, cfg_dit, cfg_vae, cfg_mllm, meta, base_mllm = _checked(source, config)  # every problem first
     if mesh is None:
-
         mesh, rules = mesh_and_rules(config if config is not None and "mesh" in config else default_config())
     abstract = abstract_params(cfg_dit, cfg_vae, cfg_mllm, mesh, rules)
     table = table_lib.dit_table(cfg_dit)
@@ -271,6 +264,29 @@ def import_folder(source: str, config=None, mesh=None, rules=None):
     params["vae"] = streaming.place_numpy(vision_tables.vae_state_dict_to_params(vae_sd, cfg_vae), abstract["vae"])
     params["mllm"], _, mllm_meta = qwen_folder.import_qwen2_5_vl(os.path.join(source, "mllm"), config, mesh, rules,
                                                                  base=base_mllm)
+    meta["mllm"] = jsonable(mllm_meta)
+    meta["import"] = {"seconds": round(time.time() - t0, 3), "bytes_read_transformer": dit_bytes,
+                      "bytes_read_mllm": mllm_meta["bytes_read"],
+                      "process_count": jax.process_count(), "devices": jax.device_count()}
+    return params, cfg_dit, cfg_vae, meta
+
+
+def folder_meta(source: str, config=None) -> dict:
+    """The ``meta`` ``import_folder`` records (configs, key layout, dtypes, shard files, extra files), from
+    the folder's configs and safetensors headers only (no ``import`` entry): what ``export_folder`` needs to
+    write a folder like ``source``, for a run that started from the folder itself rather than from an
+    imported workdir."""
+    return _checked(source, config)[4]
+
+
+def _checked(source: str, config):
+    """Open and check ``source`` (every problem, no tensor bytes): ``(fold, cfg_dit, cfg_vae, cfg_mllm, meta,
+    base_mllm)``; ``meta`` holds everything but the ``import`` entry."""
+    # An OmniGen2 run config may carry model.dit / model.vae / model.mllm.
+    model_cfg = config.model if config is not None and "model" in config else {}
+    base_dit, base_vae, base_mllm = (model_cfg[k] if k in model_cfg else None for k in ("dit", "vae", "mllm"))
+    fold, cfg_dit, cfg_vae, cfg_mllm = open_folder(source, base_dit, base_vae, base_mllm)
+    table = table_lib.dit_table(cfg_dit)
     meta = {
         "format": "sgt_jax.params/1",
         "family": "omnigen2",
@@ -282,12 +298,10 @@ def import_folder(source: str, config=None, mesh=None, rules=None):
                    "dit_dtypes": {k: v.dtype for k, v in fold.dit_header.items()},
                    "vae_keys": {k: [v.dtype, list(v.shape)] for k, v in fold.vae_header.items()},
                    "extra": fold.extra},
-        "mllm": jsonable(mllm_meta),  # config, key layout, per-key dtype and file, extra files (qwen2_5_vl_folder)
-        "import": {"seconds": round(time.time() - t0, 3), "bytes_read_transformer": dit_bytes,
-                   "bytes_read_mllm": mllm_meta["bytes_read"],
-                   "process_count": jax.process_count(), "devices": jax.device_count()},
+        # config, key layout, per-key dtype and file, extra files (qwen2_5_vl_folder)
+        "mllm": jsonable(qwen_folder.folder_meta(os.path.join(source, "mllm"), config, base=base_mllm)),
     }
-    return params, cfg_dit, cfg_vae, meta
+    return fold, cfg_dit, cfg_vae, cfg_mllm, meta, base_mllm
 
 
 def export_folder(params, cfg_dit, cfg_vae, dest: str, meta) -> str:

@@ -212,25 +212,38 @@ def import_qwen2_5_vl(folder: str, config: ml_collections.ConfigDict | None = No
     ``config``: a run config (its ``mesh`` and rules shard the result when ``mesh``/``rules`` are not
     given); ``base``: the MLLM config whose compute settings the inferred config keeps (default:
     ``config.model.mllm`` if present, else the ``3b`` config)."""
-    fold = open_folder(folder)
-    if base is None and config is not None and "model" in config and "mllm" in config.model:
-        base = config.model.mllm
-    cfg, layout = check_folder(fold, base)  # every problem, before any tensor is read
+    fold, cfg, meta = _checked(folder, config, base)  # every problem, before any tensor is read
     from sgt_jax.models.qwen2_5_vl import abstract_params
 
     mesh, rules = _mesh_and_rules(config, mesh, rules)
     abstract = abstract_params(cfg, mesh=mesh, rules=rules)
-    table = qwen2_5_vl_table(cfg, layout)
+    table = qwen2_5_vl_table(cfg, meta["layout"])
     check_tree(table, abstract, "the model's parameter tree")
     params: dict = {}
     with MultiFileReader(os.path.join(fold.path, f) for f in sorted(set(fold.files.values()))) as reader:
         streaming.fill_from_table(table, reader, abstract, params)
-        nbytes = reader.bytes_read
+        meta["bytes_read"] = reader.bytes_read
+    return params, cfg, meta
+
+
+def folder_meta(folder: str, config: ml_collections.ConfigDict | None = None, *,
+                base: ml_collections.ConfigDict | None = None) -> dict:
+    """The ``meta`` ``import_qwen2_5_vl`` returns (layout, config, dtypes, files, extra files), from the
+    headers only: what an export needs to write a folder like ``folder`` (``bytes_read`` is 0)."""
+    return _checked(folder, config, base)[2]
+
+
+def _checked(folder: str, config, base):
+    """``(fold, cfg, meta)`` of a checked folder; no tensor bytes read."""
+    fold = open_folder(folder)
+    if base is None and config is not None and "model" in config and "mllm" in config.model:
+        base = config.model.mllm
+    cfg, layout = check_folder(fold, base)
     meta = {"format": META_FORMAT, "layout": layout, "config_json": fold.config,
             "dtypes": {k: v.dtype for k, v in fold.header.items()}, "files": fold.files,
-            "source": os.path.abspath(folder), "extra_files": fold.extra_files, "bytes_read": nbytes,
+            "source": os.path.abspath(folder), "extra_files": fold.extra_files, "bytes_read": 0,
             "model": cfg.to_dict()}
-    return params, cfg, meta
+    return fold, cfg, meta
 
 
 def config_json(cfg, template: dict | None = None) -> dict:

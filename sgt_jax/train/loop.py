@@ -129,9 +129,13 @@ def _crc(host: dict) -> int:
 
 
 def _flops_per_step(config, global_packs: int) -> float | None:
-    """Analytic model FLOPs of one step (BAGEL; None for OmniGen2, which has no analytic count yet)."""
-    if family(config) != "bagel":
-        return None
+    """Model FLOPs of one step for MFU: BAGEL's analytic count (sgt_jax/train/flops.py) over the step's packs;
+    OmniGen2's 6·N·tokens estimate over its static row budgets (sgt_jax/train/omnigen2_flops.py, the
+    ``data.packs_per_batch`` samples of a step)."""
+    if family(config) == "omnigen2":
+        from sgt_jax.train import omnigen2_flops
+
+        return omnigen2_flops.model_flops(config)["total"]
     budgets = flops_lib.budgets_from_config(config)
     return flops_lib.step_flops(config.model, budgets, packs=global_packs, frozen=flops_frozen_modules(config),
                                 vae_online=state_lib.latents_online(config)).total

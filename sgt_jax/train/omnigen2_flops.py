@@ -6,6 +6,8 @@ Model FLOPs per step are a 6·N·tokens estimate over the matmul parameters each
                the target tokens (noise refiner + joint layers), the VAE encoder not counted (frozen,
                forward only);
   VQA rows:    the LM head on the L labelled positions.
+A frozen part (``config.train.freeze``) counts 4·N·tokens when a trained part feeds it (its input gradient
+is still computed) and 2·N·tokens when none does. The training loop's MFU uses the same estimate.
 Attention score FLOPs are not counted. The traced program's FLOPs (sgt_jax/compile.py ``traced_counts``,
 every branch of the DiT's ``lax.cond`` included) over this estimate is the executed / model ratio; full
 remat recomputes the forward, so ~4/3 is the floor for remat "full".
@@ -20,6 +22,7 @@ from flax import nnx
 
 from sgt_jax.models.omnigen2 import OmniGen2
 from sgt_jax.parallel import mesh as mesh_lib
+from sgt_jax.train.freeze import frozen_groups
 
 
 def _count(tree) -> int:
@@ -40,8 +43,25 @@ def param_counts(model_cfg) -> dict[str, int]:
             "dit_noise": _count(dit["noise_refiner"]) + _count(dit["x_embedder"]) + _count(dit["norm_out"])}
 
 
+# Which parts feed which (for the frozen-part multiplier, as sgt_jax/train/flops.py does for BAGEL): the
+# vision tower feeds the LLM, the LLM feeds the LM head (VQA rows) and the DiT's condition (seg rows).
+_FEEDS = {"vision": (), "mllm_text": ("vision",), "lm_head": ("mllm_text", "vision"),
+          "dit": ("mllm_text", "vision")}
+_GROUP = {"vision": "mllm_vision", "mllm_text": "mllm_text", "lm_head": "mllm_text", "dit": "dit"}
+
+
+def pass_factor(part: str, frozen) -> int:
+    """FLOPs per parameter per token: 6 trained (forward + both backward matmuls), 4 frozen with a trained
+    part upstream (forward + the input gradient), 2 frozen with nothing trained upstream (forward only)."""
+    if _GROUP[part] not in frozen:
+        return 6
+    return 4 if any(_GROUP[a] not in frozen for a in _FEEDS[part]) else 2
+
+
 def model_flops(config) -> dict[str, float]:
-    """The 6·N·tokens estimate per step (module doc), by part."""
+    """The 6·N·tokens estimate per step (module doc), by part; frozen parts (``config.train.freeze``) count
+    4·N or 2·N (:func:`pass_factor`)."""
+    frozen = frozen_groups(config)
     d, q = config.data.omnigen2, config.data.quota
     rows = int(config.data.packs_per_batch)
     seg = rows * int(q.seg) // (int(q.seg) + int(q.vqa))
@@ -51,9 +71,11 @@ def model_flops(config) -> dict[str, float]:
     n_tgt = (int(d.target_max_side) // stride) ** 2
     cond = min(t, int(config.model.dit.axes_lens[0]) - 128)
     n = param_counts(config.model)
-    out = {"mllm_text": 6 * n["text_layers"] * t * rows, "vision": 6 * n["vision"] * p * rows,
-           "lm_head": 6 * n["lm_head"] * l * vqa,
-           "dit": 6 * seg * (n["dit_joint"] * (cond + n_tgt) + n["dit_context"] * cond + n["dit_noise"] * n_tgt)}
+    f = {part: pass_factor(part, frozen) for part in _FEEDS}
+    out = {"mllm_text": f["mllm_text"] * n["text_layers"] * t * rows, "vision": f["vision"] * n["vision"] * p * rows,
+           "lm_head": f["lm_head"] * n["lm_head"] * l * vqa,
+           "dit": f["dit"] * seg * (n["dit_joint"] * (cond + n_tgt) + n["dit_context"] * cond
+                                     + n["dit_noise"] * n_tgt)}
     out["total"] = float(sum(out.values()))
     return out
 

@@ -98,6 +98,20 @@ def test_import_export_round_trip_bit_identical(folder, imported, tmp_path):
         assert open(os.path.join(dest, sub), "rb").read() == open(os.path.join(folder, sub), "rb").read(), sub
 
 
+def test_folder_meta_is_the_import_meta_without_reading(folder, imported, tmp_path):
+    """A run started from the folder itself exports with ``folder_meta``: the same layout record as the
+    import's, from headers only, and the export it drives is the same bit-identical folder."""
+    params, cfg_dit, cfg_vae, meta = imported
+    headers_only = og2.folder_meta(folder)
+    want = {k: v for k, v in meta.items() if k != "import"}
+    want["mllm"] = dict(want["mllm"], bytes_read=0)
+    assert meta["mllm"]["bytes_read"] > 0 and headers_only == want
+    dest = og2.export_folder(params, cfg_dit, cfg_vae, str(tmp_path / "out"), headers_only)
+    _assert_same_tensors(os.path.join(folder, "transformer"), os.path.join(dest, "transformer"),
+                         "diffusion_pytorch_model.safetensors.index.json")
+    _assert_same_tensors(os.path.join(folder, "mllm"), os.path.join(dest, "mllm"), "model.safetensors.index.json")
+
+
 def test_vae_through_the_flux_vae_import(folder, imported):
     """vae/ (diffusers naming) lands in the FLUX VAE's tree exactly as the existing import converts the
     diffusers model's own state dict (whose posterior equals diffusers: tests/parity/test_flux_vae.py);

@@ -53,7 +53,7 @@ def _tensors(path):
         return {k: f.get_tensor(k) for k in f.keys()}
 
 
-def test_import_train_export_round_trip(tmp_path):
+def test_import_train_export_round_trip(tmp_path, monkeypatch):
     folder = write_omnigen2_folder(str(tmp_path / "src"))
     imported, run, out = str(tmp_path / "imported"), str(tmp_path / "run"), str(tmp_path / "out")
     convert.run_import(None, SimpleNamespace(source=folder, workdir=imported))
@@ -87,6 +87,31 @@ def test_import_train_export_round_trip(tmp_path):
     mllm_changed = any(not torch.equal(a, b) for a, b in zip(
         _mllm(folder).values(), _mllm(out).values()))
     assert mllm_changed  # the MLLM trains through the flow loss
+
+    # A run started from the folder itself (checkpoint.init_from = the folder) exports in the folder's
+    # layout, read from its headers: the same files as through the imported workdir. The run's recorded
+    # init_from is pointed at the folder (one training run less in the suite).
+    read = store.read_json_item
+
+    def from_folder(workdir, step, item):
+        out = read(workdir, step, item)
+        if item == "config":
+            out["checkpoint"]["init_from"] = folder
+        return out
+
+    monkeypatch.setattr(store, "read_json_item", from_folder)
+    out2 = str(tmp_path / "out_from_folder")
+    convert.run_export(config, SimpleNamespace(workdir=run, dest=out2, step=None, weights="ema"))
+    for sub in (dit, vae):
+        a, b = _tensors(os.path.join(out, sub)), _tensors(os.path.join(out2, sub))
+        assert sorted(a) == sorted(b) and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) if sub == vae
+                                              else torch.equal(a[k], b[k]) for k in a), sub
+    assert all(torch.equal(a, b) for a, b in zip(_mllm(out).values(), _mllm(out2).values()))
+    monkeypatch.setattr(store, "read_json_item", lambda w, s, i: dict(read(w, s, i), checkpoint={"init_from": ""})
+                        if i == "config" else read(w, s, i))
+    with pytest.raises(ValueError, match="a run from random weights"):
+        convert.run_export(config, SimpleNamespace(workdir=run, dest=str(tmp_path / "out3"), step=None,
+                                                   weights="ema"))
 
 
 def _metrics(workdir):

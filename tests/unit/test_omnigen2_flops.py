@@ -8,6 +8,17 @@ from sgt_jax.configs_util import load_config
 from sgt_jax.train import loop, omnigen2_flops as F
 
 
+@pytest.fixture(autouse=True)
+def _counted_once(monkeypatch):
+    """The part sizes of the tiny model, traced once per module (every case uses the same architecture)."""
+    if not _COUNTS:
+        _COUNTS.append(F.param_counts(_cfg().model))
+    monkeypatch.setattr(F, "param_counts", lambda model_cfg: dict(_COUNTS[0]))
+
+
+_COUNTS: list = []
+
+
 def _cfg(**freeze):
     c = load_config("configs/omnigen2_sgt.py:tiny")
     for k, v in freeze.items():

@@ -16,42 +16,27 @@ from __future__ import annotations
 
 import numpy as np
 
-from sgt_jax.data import omnigen2_plan, pipeline, records, templates
+from sgt_jax.data import omnigen2_plan, pipeline
 from sgt_jax.data.bad_data import SkipCounter
 from sgt_jax.data.mixing import pull_valid
-from sgt_jax.data.records import BadSample
 from sgt_jax.data.tokenizer import get_tokenizer
 
 STATE_VERSION = 1
 GROUPS = ("seg", "vqa")
 
 
-class PlanFn:
-    """Grain map step: (position, raw record) -> OmniGen2 row, or ``{"skip": reason}``. Picklable."""
+class PlanFn(pipeline.PlanStep):
+    """OmniGen2's map step (the frame of ``pipeline.PlanStep``): one sample -> one row of
+    sgt_jax/data/omnigen2_plan.py."""
 
     def __init__(self, config, source, group: str, process_index: int, process_count: int, tokenizer=None):
-        self.source, self.group = source, group
-        self.seed = int(config.data.seed)
-        self.p, self.n = process_index, process_count
-        self.tok = tokenizer if tokenizer is not None else get_tokenizer(config)
+        super().__init__(config, source, group, process_index, process_count, tokenizer)
         self.pc = omnigen2_plan.PlanConfig.from_config(config)
-        self.instructions = templates.instruction_lists(config)
 
-    def __call__(self, position: int, raw) -> dict:
-        try:
-            sample = self.source.decode(raw)
-            if sample["task"] not in (records.SEG_TASKS if self.group == "seg" else (records.VQA_TASK,)):
-                raise BadSample("bad_record", f"{sample['key']}: task {sample['task']!r} in the {self.group} stream")
-            if self.group == "seg":
-                rng = np.random.default_rng([self.seed, pipeline._GROUP_SEED[self.group], position * self.n + self.p])
-                options = templates.templates_for(sample["task"], self.instructions)
-                row = omnigen2_plan.seg_plan(sample, options[int(rng.integers(len(options)))], self.tok, self.pc)
-            else:
-                row = omnigen2_plan.vqa_plan(sample, self.tok, self.pc)
-        except BadSample as err:
-            return {"skip": err.reason, "detail": err.detail, "index": position}
-        row["index"] = position
-        return row
+    def plan(self, sample: dict, rng: np.random.Generator) -> dict:
+        if self.group == "seg":
+            return omnigen2_plan.seg_plan(sample, self.instruction(sample, rng), self.tok, self.pc)
+        return omnigen2_plan.vqa_plan(sample, self.tok, self.pc)
 
 
 def rows_per_group(config, process_count: int) -> dict[str, int]:

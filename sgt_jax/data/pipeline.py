@@ -44,17 +44,49 @@ STATE_VERSION = 1
 _GROUP_SEED = {"seg": 0x5E6, "vqa": 0x7CA}
 
 
-class PlanFn:
-    """Grain map step: (position, raw record) -> plan dict, or ``{"skip": reason}``. Picklable for workers."""
+class PlanStep:
+    """The Grain map step's frame, shared by every model family: (position, raw record) -> a plan dict, or
+    ``{"skip": reason}`` for a bad sample. It decodes the record, checks its task against the stream's
+    group, gives the subclass's ``plan`` a random stream keyed by (seed, group, global position), and
+    stamps the position. Picklable for workers."""
 
     def __init__(self, config, source, group: str, process_index: int, process_count: int, tokenizer=None):
         self.source, self.group = source, group
         self.seed = int(config.data.seed)
         self.p, self.n = process_index, process_count
         self.tok = tokenizer if tokenizer is not None else get_tokenizer(config)
+        self.instructions = templates.instruction_lists(config)
+
+    def plan(self, sample: dict, rng: np.random.Generator) -> dict:
+        """One decoded sample of this stream's group -> its plan; raise ``BadSample`` to skip it."""
+        raise NotImplementedError
+
+    def __call__(self, position: int, raw) -> dict:
+        try:
+            sample = self.source.decode(raw)
+            if sample["task"] not in (records.SEG_TASKS if self.group == "seg" else (records.VQA_TASK,)):
+                raise BadSample("bad_record", f"{sample['key']}: task {sample['task']!r} in the {self.group} stream")
+            rng = np.random.default_rng([self.seed, _GROUP_SEED[self.group], position * self.n + self.p])
+            out = self.plan(sample, rng)
+        except BadSample as err:
+            return {"skip": err.reason, "detail": err.detail, "index": position}
+        out["index"] = position
+        return out
+
+    def instruction(self, sample: dict, rng: np.random.Generator) -> str:
+        """A segmentation sample's instruction, drawn from its task's templates."""
+        options = templates.templates_for(sample["task"], self.instructions)
+        return options[int(rng.integers(len(options)))]
+
+
+class PlanFn(PlanStep):
+    """BAGEL's map step: the SGT plan (instruction, text dropout) or the VQA plan, the pack budget check, and
+    the cached VAE latents attached when ``data.latents = "cached"``."""
+
+    def __init__(self, config, source, group: str, process_index: int, process_count: int, tokenizer=None):
+        super().__init__(config, source, group, process_index, process_count, tokenizer)
         self.tfm = Transforms.from_config(config)
         self.layout = BatchLayout.from_config(config)
-        self.instructions = templates.instruction_lists(config)
         self.text_dropout = float(config.data.text_cond_dropout)
         if not 0.0 <= self.text_dropout <= 1.0:
             raise ValueError(f"config.data.text_cond_dropout must be in [0, 1], got {self.text_dropout}")
@@ -65,26 +97,16 @@ class PlanFn:
                                  "by --mode prepare); use latents='online' to encode in the step instead")
             self.latents = LatentCache(config.data.latent_cache, config)  # checks the index now, reads lazily
 
-    def __call__(self, position: int, raw) -> dict:
-        try:
-            sample = self.source.decode(raw)
-            if sample["task"] not in (records.SEG_TASKS if self.group == "seg" else (records.VQA_TASK,)):
-                raise BadSample("bad_record", f"{sample['key']}: task {sample['task']!r} in the {self.group} stream")
-            rng = np.random.default_rng([self.seed, _GROUP_SEED[self.group], position * self.n + self.p])
-            if self.group == "seg":
-                options = templates.templates_for(sample["task"], self.instructions)
-                instruction = options[int(rng.integers(len(options)))]
-                plan = plans.sgt_plan(sample, instruction, self.tok, self.tfm,
-                                      drop_text=bool(rng.random() < self.text_dropout))
-            else:
-                plan = plans.vqa_plan(sample, self.tok, self.tfm)
-            plans.check_budget(plan, self.layout.budget)
-            if self.latents is not None:
-                self.latents.attach(plan)
-        except BadSample as err:
-            return {"skip": err.reason, "detail": err.detail, "index": position}
-        plan["index"] = position
+    def plan(self, sample: dict, rng: np.random.Generator) -> dict:
+        if self.group == "seg":
+            instruction = self.instruction(sample, rng)
+            plan = plans.sgt_plan(sample, instruction, self.tok, self.tfm,
+                                  drop_text=bool(rng.random() < self.text_dropout))
+        else:
+            plan = plans.vqa_plan(sample, self.tok, self.tfm)
+        plans.check_budget(plan, self.layout.budget)
         if self.latents is not None:
+            self.latents.attach(plan)
             plan["vae_images"] = []  # the pixels are not needed any more (smaller IPC)
         return plan
 

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.run_helpers import config_with, mode_args
+
 pytestmark = pytest.mark.slow
 
 
@@ -31,24 +33,15 @@ def workdir(tmp_path_factory):
     return wd
 
 
-def _args(workdir, **kw):
-    from sgt_jax.mode_args import ModeArgs
-
-    return ModeArgs(workdir=workdir, **kw)
+_args = mode_args
+# one scene size, 3 Euler steps, one KV-cache capacity for every request: fewer compiled shapes (the suite
+# runs on 2 CPU cores)
+SMALL = {"data.sources.synthetic.sizes": ((64, 64),), "generate.num_timesteps": 3, "generate.cache_bucket": 128,
+         "understand.cache_bucket": 128}
 
 
 def _config(**overrides):
-    from sgt_jax.configs_util import load_config
-
-    cfg = load_config("configs/sgt_tiny.py")
-    # one scene size and 2 Euler steps: fewer compiled shapes (the suite runs on 2 CPU cores)
-    cfg.data.sources.synthetic.sizes = ((64, 64),)
-    cfg.generate.num_timesteps = 3
-    cfg.generate.cache_bucket = cfg.understand.cache_bucket = 128  # one cache capacity for every request
-    for k, v in overrides.items():
-        sec, field = k.split(".")
-        cfg[sec][field] = v
-    return cfg
+    return config_with("configs/sgt_tiny.py", {**SMALL, **overrides})
 
 
 def test_understand_single_and_batch(workdir):

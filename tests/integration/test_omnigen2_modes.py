@@ -14,29 +14,21 @@ from PIL import Image
 pytest.importorskip("torch", reason="the OmniGen2 fixture folder needs the [torch] extra")
 pytest.importorskip("diffusers", reason="the OmniGen2 fixture folder needs the [torch] extra")
 
+from tests.run_helpers import config_with, mode_args  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 
+# short answers, 2 Euler steps, one scene size: fewer compiled shapes
+SMALL = {"understand.max_new_tokens": 4, "evaluate.mcq_max_new_tokens": 4, "generate.omnigen2.num_steps": 2,
+         "data.sources.synthetic.sizes": ((64, 64),)}
+
+
 def _config(**overrides):
-    from sgt_jax.configs_util import load_config
-
-    cfg = load_config("configs/omnigen2_sgt.py:tiny")
-    cfg.understand.max_new_tokens = cfg.evaluate.mcq_max_new_tokens = 4
-    cfg.generate.omnigen2.num_steps = 2
-    cfg.data.sources.synthetic.sizes = ((64, 64),)  # one scene size: fewer compiled shapes
-    for k, v in overrides.items():
-        *path, field = k.split(".")
-        sec = cfg
-        for p in path:
-            sec = sec[p]
-        sec[field] = v
-    return cfg
+    return config_with("configs/omnigen2_sgt.py:tiny", {**SMALL, **overrides})
 
 
-def _args(workdir, **kw):
-    from sgt_jax.mode_args import ModeArgs
-
-    return ModeArgs(workdir=workdir, **kw)
+_args = mode_args
 
 
 @pytest.fixture(scope="module")

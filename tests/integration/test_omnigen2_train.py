@@ -2,7 +2,6 @@
 mid-run + resume == uninterrupted (losses, gradient norms and data order bitwise on CPU), and the realised
 seg:VQA ratio in metrics.jsonl is 2. Runs share one persistent compilation cache (tests/integration/conftest.py)."""
 
-import json
 import os
 import signal
 import subprocess
@@ -10,6 +9,8 @@ import sys
 import time
 
 import pytest
+
+from tests.run_helpers import read_metrics
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -20,12 +21,7 @@ def _cmd(workdir, steps, every, delay=0.0):
     return [sys.executable, "-m", "tests.integration.og2_runner", str(workdir), str(steps), str(every), str(delay)]
 
 
-def _metrics(workdir):
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+_metrics = read_metrics
 
 
 def test_kill9_and_resume_matches_uninterrupted(tmp_path, train_env):

@@ -5,7 +5,6 @@ redone; NaN abort.
 All runs use the same small config and shapes, so after the first compile the others load the
 executable from a persistent compilation cache shared by this module."""
 
-import json
 import os
 import shutil
 import signal
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from sgt_jax.checkpoint import store
+from tests.run_helpers import read_metrics
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -33,9 +33,7 @@ def _cmd(workdir, steps, every, *extra):
             *map(str, extra)]
 
 
-def _metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+_metrics = read_metrics
 
 
 STEPS = 7

@@ -21,6 +21,7 @@ from sgt_jax.configs_util import load_config  # noqa: E402
 from sgt_jax.mode_args import ModeArgs  # noqa: E402
 from sgt_jax.train import loop  # noqa: E402
 from tests.fixtures.omnigen2_folder import write_omnigen2_folder  # noqa: E402
+from tests.run_helpers import read_metrics  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.parity]
 COMPUTE = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl", "attention_chunk")
@@ -59,7 +60,7 @@ def test_import_train_export_round_trip(tmp_path, monkeypatch):
     convert.run_import(None, SimpleNamespace(source=folder, workdir=imported))
     config = _config_for(folder, imported)
     assert loop.run(config, ModeArgs(workdir=run)) == 0
-    first = [m for m in _metrics(run)]
+    first = read_metrics(run)
     assert len(first) == 1 and first[0]["applied"] and np.isfinite(first[0]["loss"]), first
     convert.run_export(config, SimpleNamespace(workdir=run, dest=out, step=None, weights="ema"))
 
@@ -112,13 +113,6 @@ def test_import_train_export_round_trip(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="a run from random weights"):
         convert.run_export(config, SimpleNamespace(workdir=run, dest=str(tmp_path / "out3"), step=None,
                                                    weights="ema"))
-
-
-def _metrics(workdir):
-    import json
-
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def _mllm(root):

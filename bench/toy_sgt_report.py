@@ -146,6 +146,7 @@ def write_report(path: str, *, workdir: str, hp: dict, quick: bool, vae: dict, r
         tv = ", ".join(f"{x:.3f}" for x in at["text_to_vision"] or [])
         ws = ", ".join(f"{k} {v:.2f}" for k, v in (at["word_shares"] or {}).items())
         L.append(f"| {n} | {pr} | {tv} | {ws} |")
+    L += _answer_bias_section(evals, seeds, names)
     L += _ordering_section(evals, seeds, mcq, sft_m)
     ratio_pts = [(r, mcq[a]) for r, a in ((0, "sft"), (1, "sgt_1to1"), (2, "sgt_2to1"), (4, "sgt_4to1")) if a in mcq]
     curves = {"base": runs.get("base", {}).get("metrics", [])}
@@ -160,6 +161,44 @@ def write_report(path: str, *, workdir: str, hp: dict, quick: bool, vae: dict, r
           _hp_text(hp), "```", ""]
     with open(path, "w") as f:
         f.write("\n".join(L) + "\n")
+
+
+def answer_bias(evals: dict, arm: str, seeds: int, kind: str) -> dict | None:
+    """How much of an arm's MCQ answers of one kind is a single choice: the share of the most frequent
+    predicted choice index, pooled over seeds, against the accuracy that always answering the most frequent
+    true choice would get. A share near 1 means the model answers one option whatever the image, and its
+    accuracy on that kind is the label frequency, not perception."""
+    preds, answers = [], []
+    for s in range(seeds):
+        name = arm if arm == "base" else f"{arm}_s{s}"
+        if name in evals:
+            items = [r for r in evals[name]["mcq"] if r.get("kind") == kind and "pred" in r]
+            preds += [int(r["pred"]) for r in items]
+            answers += [int(r["answer"]) for r in items]
+        if arm == "base":
+            break
+    if not preds:
+        return None
+    top = np.bincount(preds).max() / len(preds)
+    return {"top_share": float(top), "majority_accuracy": float(np.bincount(answers).max() / len(answers))}
+
+
+def _answer_bias_section(evals: dict, seeds: int, names: list[str]) -> list[str]:
+    rows = []
+    for a in names:
+        cells = [answer_bias(evals, a, seeds, k) for k in KINDS]
+        if any(c is not None for c in cells):
+            rows.append(f"| {a} | " + " | ".join("n/a" if c is None else f"{100 * c['top_share']:.0f} %"
+                                                  for c in cells) + " |")
+    if not rows:
+        return []
+    maj = [answer_bias(evals, "base", 1, k) for k in KINDS]
+    return (["", "## Answer bias (share of the most frequent predicted choice, pooled over seeds)", "",
+             "100 % = the same option for every question of that kind, whatever the image: accuracy there is "
+             "the label frequency (always answering the most frequent true choice: "
+             + ", ".join(f"{k} {100 * m['majority_accuracy']:.0f} %" for k, m in zip(KINDS, maj) if m is not None)
+             + "), not perception.", "", "| arm | " + " | ".join(KINDS) + " |", "|---|" + "---|" * len(KINDS)]
+            + rows)
 
 
 def _ordering_section(evals: dict, seeds: int, mcq: dict, sft_m) -> list[str]:

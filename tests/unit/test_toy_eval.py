@@ -206,3 +206,21 @@ def test_report_checks_the_papers_ordering():
     acc2["sgt_2to1_s0"] = acc2["sgt_2to1_s1"] = evals["sft_s0"]
     text3 = "\n".join(toy_sgt_report._ordering_section(acc2, 2, mcq, None))
     assert "sgt_2to1 is not distinguishable from sft: +0.0 points" in text3
+
+
+def test_answer_bias_detects_a_constant_answer():
+    """A model that answers option 0 to every question of a kind has a top share of 1 and the accuracy
+    of the label frequency; one that follows the image has the answers' own spread."""
+    _bench()
+    import toy_sgt_report
+
+    answers = [0, 1, 1, 0, 1, 1, 1, 0]
+    constant = [{"kind": "exists", "pred": 0, "answer": a, "correct": int(a == 0)} for a in answers]
+    follows = [{"kind": "exists", "pred": a, "answer": a, "correct": 1} for a in answers]
+    evals = {"base": {"mcq": constant}, "sft_s0": {"mcq": follows}, "sft_s1": {"mcq": constant}}
+    assert toy_sgt_report.answer_bias(evals, "base", 2, "exists") == {"top_share": 1.0, "majority_accuracy": 5 / 8}
+    pooled = toy_sgt_report.answer_bias(evals, "sft", 2, "exists")  # zeros: 3 (seed 0) + 8 (seed 1) of 16
+    assert pooled["top_share"] == (3 + 8) / 16
+    assert toy_sgt_report.answer_bias(evals, "sft", 2, "count") is None
+    text = "\n".join(toy_sgt_report._answer_bias_section(evals, 2, ["base", "sft"]))
+    assert "| base | n/a | n/a | n/a | n/a | 100 % |" in text and "exists 62 %" in text

@@ -103,7 +103,9 @@ def write_report(path: str, *, workdir: str, hp: dict, quick: bool, vae: dict, r
     L += [f"Command: `{command}`  ", f"Workdir: `{workdir}`  ",
           f"Wall time of all stages: {total:.0f} s ({total / 60:.1f} min; this call {wall_this_call:.0f} s); "
           f"CPU time {cpu:.0f} s  ",
-          f"Seeds per arm: {seeds}; MCQ questions: {hp['eval']['mcq_per_kind']} per kind x {len(KINDS)} kinds", ""]
+          f"Seeds per arm: {seeds}; MCQ questions: {hp['eval']['mcq_per_kind']} per kind x {len(KINDS)} kinds", "",
+          "How to read these tables, and what at this scale could explain a difference from the paper: "
+          "docs/toy_study.md (\"What the recorded run shows\").", ""]
     grid = os.path.join(workdir, "vae", "reconstructions.png")
     if os.path.exists(grid):  # next to the report, so that the report's link works where it is read
         shutil.copyfile(grid, os.path.join(out_dir, "toy_sgt_vae_reconstructions.png"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import re
@@ -30,7 +31,12 @@ def gib(x) -> str:
 
 
 def row_name(case: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", case)[:120]
+    """The row's workdir name: the case in file-name characters; a long case is cut and ends with a hash of
+    the whole case, so two cases that differ only after the cut never share a workdir (and a cached report)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", case)
+    if len(name) <= 120:
+        return name
+    return name[:100] + "_" + hashlib.sha1(case.encode()).hexdigest()[:12]
 
 
 def run_case(case: str, args) -> dict:

@@ -24,6 +24,7 @@ ones. (Worker prefetch buffers are simply rebuilt; nothing is skipped.)
 
 from __future__ import annotations
 
+import abc
 import collections
 import copy
 import json
@@ -44,7 +45,7 @@ STATE_VERSION = 1
 _GROUP_SEED = {"seg": 0x5E6, "vqa": 0x7CA}
 
 
-class PlanStep:
+class PlanStep(abc.ABC):
     """The Grain map step's frame, shared by every model family: (position, raw record) -> a plan dict, or
     ``{"skip": reason}`` for a bad sample. It decodes the record, checks its task against the stream's
     group, gives the subclass's ``plan`` a random stream keyed by (seed, group, global position), and
@@ -57,9 +58,9 @@ class PlanStep:
         self.tok = tokenizer if tokenizer is not None else get_tokenizer(config)
         self.instructions = templates.instruction_lists(config)
 
+    @abc.abstractmethod
     def plan(self, sample: dict, rng: np.random.Generator) -> dict:
         """One decoded sample of this stream's group -> its plan; raise ``BadSample`` to skip it."""
-        raise NotImplementedError
 
     def __call__(self, position: int, raw) -> dict:
         try:

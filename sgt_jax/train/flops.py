@@ -205,21 +205,23 @@ _PARENTS = {
 MODULES = tuple(_PARENTS)
 
 
-def _ancestors(name: str) -> set[str]:
-    out, todo = set(), list(_PARENTS[name])
+def _ancestors(name: str, parents: Mapping[str, tuple[str, ...]]) -> set[str]:
+    out, todo = set(), list(parents[name])
     while todo:
         p = todo.pop()
         if p not in out:
             out.add(p)
-            todo.extend(_PARENTS[p])
+            todo.extend(parents[p])
     return out
 
 
-def pass_multiplier(name: str, frozen: Collection[str]) -> int:
-    """3 for a trainable module, 2 for a frozen one with a trainable ancestor, else 1 (forward only)."""
+def pass_multiplier(name: str, frozen: Collection[str], parents: Mapping[str, tuple[str, ...]] | None = None) -> int:
+    """3 for a trainable module, 2 for a frozen one with a trainable ancestor, else 1 (forward only).
+    ``parents``: the module graph (module -> modules feeding it); default BAGEL's."""
+    parents = _PARENTS if parents is None else parents
     if name not in frozen:
         return 3
-    return 2 if any(a not in frozen for a in _ancestors(name)) else 1
+    return 2 if any(a not in frozen for a in _ancestors(name, parents)) else 1
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from flax import nnx
 
 from sgt_jax.models.omnigen2 import OmniGen2
 from sgt_jax.parallel import mesh as mesh_lib
+from sgt_jax.train import flops as flops_lib
 from sgt_jax.train.freeze import frozen_groups
 
 
@@ -43,19 +44,18 @@ def param_counts(model_cfg) -> dict[str, int]:
             "dit_noise": _count(dit["noise_refiner"]) + _count(dit["x_embedder"]) + _count(dit["norm_out"])}
 
 
-# Which parts feed which (for the frozen-part multiplier, as sgt_jax/train/flops.py does for BAGEL): the
-# vision tower feeds the LLM, the LLM feeds the LM head (VQA rows) and the DiT's condition (seg rows).
-_FEEDS = {"vision": (), "mllm_text": ("vision",), "lm_head": ("mllm_text", "vision"),
-          "dit": ("mllm_text", "vision")}
+# The parts' module graph for sgt_jax/train/flops.py's frozen-part multiplier: the vision tower feeds the
+# LLM, the LLM feeds the LM head (VQA rows) and the DiT's condition (seg rows); each part's freeze group.
+_PARENTS = {"vision": (), "mllm_text": ("vision",), "lm_head": ("mllm_text",), "dit": ("mllm_text",)}
 _GROUP = {"vision": "mllm_vision", "mllm_text": "mllm_text", "lm_head": "mllm_text", "dit": "dit"}
 
 
 def pass_factor(part: str, frozen) -> int:
     """FLOPs per parameter per token: 6 trained (forward + both backward matmuls), 4 frozen with a trained
-    part upstream (forward + the input gradient), 2 frozen with nothing trained upstream (forward only)."""
-    if _GROUP[part] not in frozen:
-        return 6
-    return 4 if any(_GROUP[a] not in frozen for a in _FEEDS[part]) else 2
+    part upstream (forward + the input gradient), 2 frozen with nothing trained upstream (forward only);
+    ``frozen``: the frozen freeze groups."""
+    frozen_parts = {p for p in _PARENTS if _GROUP[p] in frozen}
+    return 2 * flops_lib.pass_multiplier(part, frozen_parts, parents=_PARENTS)
 
 
 def model_flops(config) -> dict[str, float]:
@@ -71,7 +71,7 @@ def model_flops(config) -> dict[str, float]:
     n_tgt = (int(d.target_max_side) // stride) ** 2
     cond = min(t, int(config.model.dit.axes_lens[0]) - 128)
     n = param_counts(config.model)
-    f = {part: pass_factor(part, frozen) for part in _FEEDS}
+    f = {part: pass_factor(part, frozen) for part in _PARENTS}
     out = {"mllm_text": f["mllm_text"] * n["text_layers"] * t * rows, "vision": f["vision"] * n["vision"] * p * rows,
            "lm_head": f["lm_head"] * n["lm_head"] * l * vqa,
            "dit": f["dit"] * seg * (n["dit_joint"] * (cond + n_tgt) + n["dit_context"] * cond

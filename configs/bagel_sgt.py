@@ -244,6 +244,9 @@ def get_config(variant: str = "7b") -> ml_collections.ConfigDict:
     c.train.ema_decay = 0.9999 if base == "7b" else 0.9
     c.train.ema_dtype = "float32"  # or "bfloat16" (halves EMA memory)
     c.train.ema_offload = False  # keep the EMA in pinned_host memory (error if the backend has none)
+    # keep Adam's moments (mu, nu) in pinned_host memory; like the offloaded EMA they are updated leaf by
+    # leaf and layer by layer, one slice on the device at a time (sgt_jax/train/offload.py)
+    c.train.opt_offload = False
     c.train.max_consecutive_nonfinite = 5  # NaN/Inf loss or grad: update skipped; abort after this many in a row
     # Gradient accumulation: each step's packs_per_batch packs run as K micro-batches of packs_per_batch / K
     # (activation memory of one micro-batch), one update per step (sgt_jax/train/step.py).

@@ -367,6 +367,7 @@ def _report_header(config, spec: TopologySpec, num_slices: int, mesh) -> dict[st
             "tokens_per_chip": packs * budgets.tokens / n, "variant": config.variant,
             "pack_budgets": dataclasses.asdict(budgets), "remat_policy": str(config.model.remat_policy),
             "ema_dtype": str(config.train.ema_dtype), "latents": str(config.data.latents),
+            "ema_offload": bool(config.train.ema_offload), "opt_offload": bool(config.train.opt_offload),
             "microbatches": int(config.train.microbatches), "mu_dtype": str(config.optim.mu_dtype)}
 
 

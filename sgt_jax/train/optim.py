@@ -38,16 +38,25 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 
 
 def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``(tx, schedule)``: ``tx = chain(clip_by_global_norm?, adamw)``; its state's last entry is the
+    AdamW state (what ``optimizer_parts`` returns as ``inner``)."""
+    clip_norm, inner, schedule = optimizer_parts(optim_cfg, total_steps)
+    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+    return optax.chain(*parts, inner), schedule
+
+
+def optimizer_parts(optim_cfg, total_steps: int) -> tuple[float, optax.GradientTransformation, optax.Schedule]:
+    """``(clip_norm, inner, schedule)``: the global-norm clip (0 = none) and the AdamW transformation after
+    it, apart, for updates applied one slice at a time (sgt_jax/train/offload.py clips each slice by the
+    global norm itself)."""
     schedule = learning_rate_schedule(optim_cfg, total_steps)
-    parts = []
-    if optim_cfg.clip_norm and float(optim_cfg.clip_norm) > 0:
-        parts.append(optax.clip_by_global_norm(float(optim_cfg.clip_norm)))
+    clip_norm = float(optim_cfg.clip_norm) if optim_cfg.clip_norm and float(optim_cfg.clip_norm) > 0 else 0.0
     mu_dtype = str(optim_cfg.mu_dtype)
     if mu_dtype not in MU_DTYPES:
         raise ValueError(f"config.optim.mu_dtype={mu_dtype!r}; allowed: {MU_DTYPES}")
-    parts.append(optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),
-                             weight_decay=float(optim_cfg.weight_decay), mu_dtype=jnp.dtype(mu_dtype)))
-    return optax.chain(*parts), schedule
+    inner = optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2), eps=float(optim_cfg.eps),
+                        weight_decay=float(optim_cfg.weight_decay), mu_dtype=jnp.dtype(mu_dtype))
+    return clip_norm, inner, schedule
 
 
 def ema_update(ema, params, decay: float):

@@ -4,7 +4,8 @@
       "step":      int32 []            data steps taken (advances even when an update is skipped)
       "params":    nnx.State           trainable parameters, fp32 masters
       "frozen":    nnx.State           frozen parameters (VAE + frozen groups): never updated
-      "opt":       optax state         over "params" only (Adam moments shard like the params)
+      "opt":       optax state         over "params" only (Adam moments shard like the params; optional
+                                       host offload of the moments, config.train.opt_offload)
       "ema":       nnx.State | absent  EMA of "params" (config.train.ema_dtype; optional host offload)
       "rng":       uint32 [2]          base key; step s uses fold_in(rng, s), so resumes are exact
       "nonfinite": int32 []            consecutive skipped (NaN/Inf) steps
@@ -65,17 +66,36 @@ class StateSpec:
     filters: tuple
     ema_dtype: Any
     use_ema: bool
+    stacked: tuple  # per leaf of "params" (jax.tree.leaves order): stacked over the layers (first axis "layers")
+    opt_offload: bool  # Adam's moments live in pinned_host memory (sgt_jax/train/offload.py updates them)
 
 
-def _ema_memory_kind(config, mesh: Mesh) -> str | None:
-    if not bool(config.train.ema_offload):
+def _offload_kind(config, mesh: Mesh, key: str) -> str | None:
+    """``"pinned_host"`` when ``config.train.<key>`` asks to keep a part of the state in host memory."""
+    if not bool(config.train[key]):
         return None
     kinds = {m.kind for d in mesh.devices.flat for m in d.addressable_memories()}
     if "pinned_host" not in kinds:
         raise ValueError(
-            f"config.train.ema_offload=True needs 'pinned_host' device memory; the {jax.default_backend()!r} "
-            f"backend offers {sorted(kinds)}. Set --config.train.ema_offload=False.")
+            f"config.train.{key}=True needs 'pinned_host' device memory; the {jax.default_backend()!r} "
+            f"backend offers {sorted(kinds)}. Set --config.train.{key}=False.")
     return "pinned_host"
+
+
+def _moments_to(shardings, memory_kind: str | None):
+    """The optimizer state's shardings with its per-parameter leaves (Adam's mu and nu, which carry the
+    params' Variable metadata) in ``memory_kind``; the step counts stay on the device."""
+    if memory_kind is None:
+        return shardings
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return jax.tree.map(lambda x: x.replace(x.get_value().with_memory_kind(memory_kind)) if is_var(x) else x,
+                        shardings, is_leaf=is_var)
+
+
+def _stacked(train) -> tuple:
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    return tuple((parallel.variable_logical_names(v) or (None,))[:1] == ("layers",)
+                 for v in jax.tree.leaves(train, is_leaf=is_var))
 
 
 def _split(module, filters):
@@ -103,7 +123,7 @@ def make_state_spec(config, mesh: Mesh, model_fn: Callable | None = None) -> Sta
     shardings = {
         "params": parallel.state_shardings(train, mesh, rules),
         "frozen": parallel.state_shardings(frozen, mesh, rules),
-        "opt": parallel.state_shardings(opt, mesh, rules),
+        "opt": _moments_to(parallel.state_shardings(opt, mesh, rules), _offload_kind(config, mesh, "opt_offload")),
         "step": replicated, "rng": replicated, "nonfinite": replicated, "skipped": replicated,
     }
     shapes = {
@@ -112,10 +132,11 @@ def make_state_spec(config, mesh: Mesh, model_fn: Callable | None = None) -> Sta
         "nonfinite": jax.ShapeDtypeStruct((), jnp.int32), "skipped": jax.ShapeDtypeStruct((), jnp.int32),
     }
     if use_ema:
-        shardings["ema"] = parallel.state_shardings(train, mesh, rules, memory_kind=_ema_memory_kind(config, mesh))
+        shardings["ema"] = parallel.state_shardings(train, mesh, rules, memory_kind=_offload_kind(config, mesh, "ema_offload"))
         shapes["ema"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, ema_dtype), train)
     abstract = {k: parallel.abstract_with_shardings(shapes[k], shardings[k]) for k in shapes}
-    return StateSpec(graphdef, rest, abstract, shardings, tx, schedule, model_fn, filters, ema_dtype, use_ema)
+    return StateSpec(graphdef, rest, abstract, shardings, tx, schedule, model_fn, filters, ema_dtype, use_ema,
+                     _stacked(train), bool(config.train.opt_offload))
 
 
 def _assemble(spec: StateSpec, train, frozen, seed: int) -> dict:

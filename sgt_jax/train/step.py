@@ -34,7 +34,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sgt_jax import parallel
 from sgt_jax.models.layers import activation_sharding, sharded_kernels
 from sgt_jax.train.family import loss_hooks
-from sgt_jax.train.optim import ema_update
+from sgt_jax.train import offload
+from sgt_jax.train.optim import ema_update, optimizer_parts
 from sgt_jax.train.state import StateSpec, make_state_spec
 
 METRIC_KEYS = ("loss", "ce", "mse", "n_ce", "n_mse", "grad_norm", "lr", "applied", "nonfinite", "skipped")
@@ -52,10 +53,12 @@ def make_step_fn(config, spec: StateSpec, mesh: Mesh | None = None) -> Callable:
     rules = parallel.logical_rules(config) if mesh is not None else None
     hooks = loss_hooks(config)  # the family's noise draws, loss normalisers and loss (sgt_jax/train/family.py)
     decay = float(config.train.ema_decay)
-    ema_device = None
-    if spec.use_ema:
-        ema_device = jax.tree.map(lambda s: s.with_memory_kind("device") if s.memory_kind == "pinned_host" else None,
-                                  spec.shardings["ema"])
+    ema_offloaded = spec.use_ema and any(_kind(s) == "pinned_host" for s in jax.tree.leaves(spec.shardings["ema"]))
+    if spec.opt_offload:
+        clip_norm, inner_tx, _ = optimizer_parts(config.optim, int(config.train.steps))
+        inner_shardings = spec.shardings["opt"][-1]  # the AdamW state (optim.make_optimizer)
+        mu_shardings = optax.tree_utils.tree_get(inner_shardings, "mu")
+        nu_shardings = optax.tree_utils.tree_get(inner_shardings, "nu")
 
     k_micro = microbatches(config)
 
@@ -103,23 +106,23 @@ def make_step_fn(config, spec: StateSpec, mesh: Mesh | None = None) -> Callable:
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
-        def apply(operands):
-            params, opt, ema = operands
-            updates, opt = spec.tx.update(grads, opt, params)
-            params = optax.apply_updates(params, updates)
-            if ema is not None:
-                if ema_device is not None:
-                    ema = jax.tree.map(lambda e, s: e if s is None else jax.device_put(e, s), ema, ema_device)
-                ema = ema_update(ema, params, decay)
-            return params, opt, ema
+        if spec.opt_offload:  # leaf by leaf, layer by layer, the moments moved from and back to host memory
+            params, inner = offload.adam_update_layerwise(
+                inner_tx, grads, state["opt"][-1], state["params"], clip_norm=clip_norm, grad_norm=grad_norm,
+                finite=finite, mu_shardings=mu_shardings, nu_shardings=nu_shardings, stacked=spec.stacked)
+            opt = tuple(state["opt"][:-1]) + (inner,)
+        else:
+            def apply(operands):
+                params, opt = operands
+                updates, opt = spec.tx.update(grads, opt, params)
+                return optax.apply_updates(params, updates), opt
 
-        def skip(operands):
-            params, opt, ema = operands
-            if ema is not None and ema_device is not None:
-                ema = jax.tree.map(lambda e, s: e if s is None else jax.device_put(e, s), ema, ema_device)
-            return params, opt, ema
-
-        params, opt, ema = jax.lax.cond(finite, apply, skip, (state["params"], state["opt"], state.get("ema")))
+            params, opt = jax.lax.cond(finite, apply, lambda operands: operands, (state["params"], state["opt"]))
+        ema = state.get("ema")
+        if ema is not None and ema_offloaded:
+            ema = offload.ema_update_layerwise(ema, params, spec.shardings["ema"], spec.stacked, decay, finite)
+        elif ema is not None:
+            ema = jax.lax.cond(finite, lambda e: ema_update(e, params, decay), lambda e: e, ema)
         new = dict(state)
         new.update(params=params, opt=opt, step=state["step"] + 1,
                    nonfinite=jnp.where(finite, 0, state["nonfinite"] + 1).astype(jnp.int32),
@@ -133,6 +136,10 @@ def make_step_fn(config, spec: StateSpec, mesh: Mesh | None = None) -> Callable:
         return new, metrics
 
     return step
+
+
+def _kind(sharding) -> str:
+    return getattr(sharding, "memory_kind", None) or "device"
 
 
 def microbatches(config) -> int:

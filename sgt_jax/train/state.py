@@ -79,6 +79,17 @@ def _offload_kind(config, mesh: Mesh, key: str) -> str | None:
         raise ValueError(
             f"config.train.{key}=True needs 'pinned_host' device memory; the {jax.default_backend()!r} "
             f"backend offers {sorted(kinds)}. Set --config.train.{key}=False.")
+    v4 = sorted({d.device_kind for d in mesh.devices.flat if "v4" in str(d.device_kind).lower()})
+    if v4:
+        # The offloaded state is updated by loops that read one layer's slice from host memory
+        # (sgt_jax/train/offload.py). For the 7B step the TPU v4 compiler (libtpu 0.0.42.1) aborts the
+        # whole process on them ("Strided host DMA (non iova) is not supported"), where v5p and v5e compile
+        # them; a tiny model compiles on v4, so it depends on the shapes. Refused on v4 rather than let a
+        # run die at its first compile.
+        raise ValueError(
+            f"config.train.{key}=True is not supported on {v4[0]}: for BAGEL-7B the TPU v4 compiler aborts on "
+            f"the layer-by-layer host-memory reads of the offloaded update (bench/results/compile.md). Set "
+            f"--config.train.{key}=False (on v4 use smaller packs or more chips instead).")
     return "pinned_host"
 
 

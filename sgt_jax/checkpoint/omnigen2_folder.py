@@ -22,6 +22,7 @@ optional ``processor/`` and ``model_index.json``.
 
 from __future__ import annotations
 
+import copy
 import glob
 import json
 import logging
@@ -81,6 +82,7 @@ class OmniGen2Folder:
     vae_header: dict[str, TensorInfo]
     mllm_layout: str  # the Qwen2.5-VL key layout of mllm/ ("legacy" / "current")
     extra: list[str] = field(default_factory=list)
+    mllm_checked: tuple | None = None  # qwen2_5_vl_folder.check of mllm/: (folder, config, meta), read once
 
 
 def _json(path: str, problems: list[str], name: str):
@@ -151,12 +153,13 @@ def vae_config(vae_json: dict, header, problems: list[str], base=None) -> ml_col
 
 
 def _check_mllm(path: str, base_mllm, problems: list[str]):
-    """``mllm/``'s config.json and headers checked (``qwen2_5_vl_folder``); its problems prefixed ``mllm/``."""
+    """``mllm/``'s config.json and headers checked: ``qwen2_5_vl_folder.check``'s ``(folder, config, meta)``,
+    or None with its problems (prefixed ``mllm/``) added to ``problems``."""
     try:
-        return qwen_folder.check_folder(qwen_folder.open_folder(os.path.join(path, "mllm")), base_mllm)
+        return qwen_folder.check(os.path.join(path, "mllm"), base=base_mllm)
     except ConversionError as err:
         problems.extend(f"mllm/{p}" if p.startswith(qwen_folder.CONFIG) else f"mllm/: {p}" for p in err.problems)
-        return None, None
+        return None
 
 
 def open_folder(path: str, base_dit=None, base_vae=None, base_mllm=None) -> tuple[
@@ -204,11 +207,13 @@ def open_folder(path: str, base_dit=None, base_vae=None, base_mllm=None) -> tupl
         except ValueError as err:
             vae_problems.append(f"vae/{WEIGHTS}.safetensors: " + " ".join(str(err).split()))
     problems += vae_problems
-    cfg_mllm, mllm_layout = _check_mllm(path, base_mllm, problems)
+    mllm_checked = _check_mllm(path, base_mllm, problems)
     if problems:
         raise FolderError(problems, path)
     extra = sorted(n for n in os.listdir(path) if n not in ("transformer", "vae", "mllm") and not n.startswith("."))
-    fold = OmniGen2Folder(path, dit_json, vae_json, files, header, file_of, vae_path, vae_header, mllm_layout, extra)
+    _, cfg_mllm, mllm_meta = mllm_checked
+    fold = OmniGen2Folder(path, dit_json, vae_json, files, header, file_of, vae_path, vae_header,
+                          mllm_meta["layout"], extra, mllm_checked)
     return fold, cfg_dit, cfg_vae, cfg_mllm
 
 
@@ -248,7 +253,7 @@ def import_folder(source: str, config=None, mesh=None, rules=None):
     """OmniGen2 folder -> ``(params, cfg_dit, cfg_vae, meta)``; ``params = {"dit", "vae", "mllm"}``
     of sharded jax.Arrays over ``mesh`` with the logical ``rules`` (default: ``config.mesh``). The MLLM's
     config is ``configs_from_meta(meta)[2]`` (compute settings from ``config.model.mllm`` when present)."""
-    fold, cfg_dit, cfg_vae, cfg_mllm, meta, base_mllm = _checked(source, config)  # every problem first
+    fold, cfg_dit, cfg_vae, cfg_mllm, meta, base_mllm, mllm_checked = _checked(source, config)  # problems first
     if mesh is None:
         mesh, rules = mesh_and_rules(config if config is not None and "mesh" in config else default_config())
     abstract = abstract_params(cfg_dit, cfg_vae, cfg_mllm, mesh, rules)
@@ -263,7 +268,7 @@ def import_folder(source: str, config=None, mesh=None, rules=None):
         vae_sd = {k: reader.read(k) for k in sorted(reader.keys())}
     params["vae"] = streaming.place_numpy(vision_tables.vae_state_dict_to_params(vae_sd, cfg_vae), abstract["vae"])
     params["mllm"], _, mllm_meta = qwen_folder.import_qwen2_5_vl(os.path.join(source, "mllm"), config, mesh, rules,
-                                                                 base=base_mllm)
+                                                                 base=base_mllm, checked=mllm_checked)
     meta["mllm"] = jsonable(mllm_meta)
     meta["import"] = {"seconds": round(time.time() - t0, 3), "bytes_read_transformer": dit_bytes,
                       "bytes_read_mllm": mllm_meta["bytes_read"],
@@ -281,7 +286,8 @@ def folder_meta(source: str, config=None) -> dict:
 
 def _checked(source: str, config):
     """Open and check ``source`` (every problem, no tensor bytes): ``(fold, cfg_dit, cfg_vae, cfg_mllm, meta,
-    base_mllm)``; ``meta`` holds everything but the ``import`` entry."""
+    base_mllm, mllm_checked)``; ``meta`` holds everything but the ``import`` entry; ``mllm_checked`` is
+    ``qwen2_5_vl_folder.check`` of ``mllm/`` (the import reuses it rather than reading the headers again)."""
     # An OmniGen2 run config may carry model.dit / model.vae / model.mllm.
     model_cfg = config.model if config is not None and "model" in config else {}
     base_dit, base_vae, base_mllm = (model_cfg[k] if k in model_cfg else None for k in ("dit", "vae", "mllm"))
@@ -299,9 +305,10 @@ def _checked(source: str, config):
                    "vae_keys": {k: [v.dtype, list(v.shape)] for k, v in fold.vae_header.items()},
                    "extra": fold.extra},
         # config, key layout, per-key dtype and file, extra files (qwen2_5_vl_folder)
-        "mllm": jsonable(qwen_folder.folder_meta(os.path.join(source, "mllm"), config, base=base_mllm)),
+        "mllm": None,
     }
-    return fold, cfg_dit, cfg_vae, cfg_mllm, meta, base_mllm
+    meta["mllm"] = jsonable(copy.deepcopy(fold.mllm_checked[2]))  # the import adds bytes_read to its own copy
+    return fold, cfg_dit, cfg_vae, cfg_mllm, meta, base_mllm, fold.mllm_checked
 
 
 def export_folder(params, cfg_dit, cfg_vae, dest: str, meta) -> str:

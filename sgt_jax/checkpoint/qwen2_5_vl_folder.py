@@ -206,13 +206,14 @@ def _mesh_and_rules(config, mesh, rules):
 
 
 def import_qwen2_5_vl(folder: str, config: ml_collections.ConfigDict | None = None, mesh=None, rules=None,
-                      *, base: ml_collections.ConfigDict | None = None):
+                      *, base: ml_collections.ConfigDict | None = None, checked: tuple | None = None):
     """Read a Qwen2.5-VL folder into sharded parameters (see the module doc).
 
     ``config``: a run config (its ``mesh`` and rules shard the result when ``mesh``/``rules`` are not
     given); ``base``: the MLLM config whose compute settings the inferred config keeps (default:
-    ``config.model.mllm`` if present, else the ``3b`` config)."""
-    fold, cfg, meta = _checked(folder, config, base)  # every problem, before any tensor is read
+    ``config.model.mllm`` if present, else the ``3b`` config); ``checked``: what ``check(folder, config,
+    base=base)`` returned, when the caller has already checked the folder (its headers are not read again)."""
+    fold, cfg, meta = checked if checked is not None else check(folder, config, base=base)  # before any tensor
     from sgt_jax.models.qwen2_5_vl import abstract_params
 
     mesh, rules = _mesh_and_rules(config, mesh, rules)
@@ -230,11 +231,12 @@ def folder_meta(folder: str, config: ml_collections.ConfigDict | None = None, *,
                 base: ml_collections.ConfigDict | None = None) -> dict:
     """The ``meta`` ``import_qwen2_5_vl`` returns (layout, config, dtypes, files, extra files), from the
     headers only: what an export needs to write a folder like ``folder`` (``bytes_read`` is 0)."""
-    return _checked(folder, config, base)[2]
+    return check(folder, config, base=base)[2]
 
 
-def _checked(folder: str, config, base):
-    """``(fold, cfg, meta)`` of a checked folder; no tensor bytes read."""
+def check(folder: str, config: ml_collections.ConfigDict | None = None, *,
+          base: ml_collections.ConfigDict | None = None) -> tuple:
+    """``(fold, cfg, meta)`` of a checked folder (every problem raised here); no tensor bytes read."""
     fold = open_folder(folder)
     if base is None and config is not None and "model" in config and "mllm" in config.model:
         base = config.model.mllm

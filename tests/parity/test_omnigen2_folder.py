@@ -112,6 +112,18 @@ def test_folder_meta_is_the_import_meta_without_reading(folder, imported, tmp_pa
     _assert_same_tensors(os.path.join(folder, "mllm"), os.path.join(dest, "mllm"), "model.safetensors.index.json")
 
 
+def test_import_reads_the_mllm_headers_once(folder, monkeypatch):
+    """The import checks mllm/ once (configs and safetensors headers) and reuses that check to read its
+    tensors: the folder is opened once, not once for the layout record and again for the import."""
+    from sgt_jax.checkpoint import qwen2_5_vl_folder as qwen_folder
+
+    opened = []
+    real = qwen_folder.open_folder
+    monkeypatch.setattr(qwen_folder, "open_folder", lambda path, *a, **k: opened.append(path) or real(path, *a, **k))
+    og2.import_folder(folder)
+    assert opened == [os.path.join(folder, "mllm")], opened
+
+
 def test_vae_through_the_flux_vae_import(folder, imported):
     """vae/ (diffusers naming) lands in the FLUX VAE's tree exactly as the existing import converts the
     diffusers model's own state dict (whose posterior equals diffusers: tests/parity/test_flux_vae.py);

@@ -4,11 +4,14 @@
 in ``pinned_host`` memory between steps. Moving such a tree whole to the device for its update would put
 all of it in device memory at the end of the step (the 7B EMA is 13.6 GiB per chip on 4 v5p chips, as
 many temporaries as the offload saved in arguments). Here each leaf is updated on its own, and a leaf
-stacked over the layers (first logical axis ``"layers"``, the scanned stacks) is updated by a ``lax.scan``
-over that axis: the scan reads one layer's slice from host memory, moves it to the device, updates it
-and moves it back, so at most one layer's slice of one leaf is on the device at a time. XLA's host
-offloading turns the slices into direct host reads and writes (checked by an AOT compile for v5p:
-a 28-layer fp32 stack updated whole took 3.5 GiB of device temporaries, the layer scan 0.19 GiB).
+stacked over the layers (first logical axis ``"layers"``, the scanned stacks) by a ``fori_loop`` over
+that axis: each iteration reads one layer's slice from host memory, moves it to the device, updates it,
+moves it back and writes it into the array the loop carries, so at most one layer's slice of one leaf is
+on the device at a time and the donated host buffer is updated in place (AOT for v5p: a 28-layer fp32
+stack updated whole took 3.5 GiB of device temporaries, layer by layer 0.19 GiB; stacking the loop's
+outputs into new arrays instead of carrying them made a second copy of the state in host memory). The
+7B numbers are in bench/results/compile.md. The TPU v4 compiler aborts on these loops for the 7B step,
+so the state refuses the offload on v4 (sgt_jax/train/state.py).
 
 The optimizer update per slice is optax's own (the same AdamW transformation, called on a tree whose
 other leaves are zero-size), so the arithmetic is optax's: the global-norm clip is applied to each slice
@@ -24,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
+
+from sgt_jax.train.optim import ema_update
 
 
 def slice_sharding(s: NamedSharding, memory_kind: str) -> NamedSharding:
@@ -64,8 +69,6 @@ def _mover(s: NamedSharding | None, stacked: bool):
 def ema_update_layerwise(ema, params, shardings, stacked, decay: float, finite) -> object:
     """``ema <- decay·ema + (1 − decay)·params`` leaf by leaf (layer by layer for stacked leaves), with
     host-resident leaves moved to the device one slice at a time; ``finite`` False keeps the EMA."""
-    from sgt_jax.train.optim import ema_update
-
     e_leaves, treedef = jax.tree.flatten(ema)
     p_leaves, s_leaves = jax.tree.leaves(params), jax.tree.leaves(shardings)
     out = []

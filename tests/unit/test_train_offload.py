@@ -11,7 +11,7 @@ from sgt_jax.train import state as state_lib
 from sgt_jax.train import step as step_lib
 from tests.sharding.fake_batches import make_batch, small_config
 
-pytestmark = pytest.mark.multidevice
+pytestmark = [pytest.mark.multidevice, pytest.mark.slow]  # two step compiles: the 3.11 leg only
 
 
 def _config(offload: bool):

@@ -80,9 +80,13 @@ class OmniGen2Folder:
     dit_file_of: dict[str, str]  # key -> file name
     vae_path: str
     vae_header: dict[str, TensorInfo]
-    mllm_layout: str  # the Qwen2.5-VL key layout of mllm/ ("legacy" / "current")
+    mllm_checked: tuple  # qwen2_5_vl_folder.check of mllm/: (folder, config, meta), read once
     extra: list[str] = field(default_factory=list)
-    mllm_checked: tuple | None = None  # qwen2_5_vl_folder.check of mllm/: (folder, config, meta), read once
+
+    @property
+    def mllm_layout(self) -> str:
+        """The Qwen2.5-VL key layout of mllm/ ("legacy" / "current")."""
+        return self.mllm_checked[2]["layout"]
 
 
 def _json(path: str, problems: list[str], name: str):
@@ -211,9 +215,9 @@ def open_folder(path: str, base_dit=None, base_vae=None, base_mllm=None) -> tupl
     if problems:
         raise FolderError(problems, path)
     extra = sorted(n for n in os.listdir(path) if n not in ("transformer", "vae", "mllm") and not n.startswith("."))
-    _, cfg_mllm, mllm_meta = mllm_checked
-    fold = OmniGen2Folder(path, dit_json, vae_json, files, header, file_of, vae_path, vae_header,
-                          mllm_meta["layout"], extra, mllm_checked)
+    fold = OmniGen2Folder(path, dit_json, vae_json, files, header, file_of, vae_path, vae_header, mllm_checked,
+                          extra)
+    cfg_mllm = mllm_checked[1]
     return fold, cfg_dit, cfg_vae, cfg_mllm
 
 
@@ -304,10 +308,10 @@ def _checked(source: str, config):
                    "dit_dtypes": {k: v.dtype for k, v in fold.dit_header.items()},
                    "vae_keys": {k: [v.dtype, list(v.shape)] for k, v in fold.vae_header.items()},
                    "extra": fold.extra},
-        # config, key layout, per-key dtype and file, extra files (qwen2_5_vl_folder)
-        "mllm": None,
+        # config, key layout, per-key dtype and file, extra files (qwen2_5_vl_folder); a copy, since the
+        # import adds bytes_read to the check's own meta
+        "mllm": jsonable(copy.deepcopy(fold.mllm_checked[2])),
     }
-    meta["mllm"] = jsonable(copy.deepcopy(fold.mllm_checked[2]))  # the import adds bytes_read to its own copy
     return fold, cfg_dit, cfg_vae, cfg_mllm, meta, base_mllm, fold.mllm_checked
 
 

@@ -53,13 +53,9 @@ def _per_leaf(fn: Callable, stacked: bool, updated: tuple, read: tuple = ()) -> 
     return jax.lax.fori_loop(0, updated[0].shape[0], body, tuple(updated))
 
 
-def _kind(s) -> str:
-    return getattr(s, "memory_kind", None) or "device"
-
-
 def _mover(s: NamedSharding | None, stacked: bool):
     """(to_device, back) for a leaf of sharding ``s``: identities for a leaf that lives on the device."""
-    if s is None or _kind(s) != "pinned_host":
+    if getattr(s, "memory_kind", None) != "pinned_host":
         return (lambda x: x), (lambda x: x)
     dev = slice_sharding(s, "device") if stacked else s.with_memory_kind("device")
     host = slice_sharding(s, "pinned_host") if stacked else s

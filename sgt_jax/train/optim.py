@@ -37,18 +37,15 @@ def learning_rate_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warm, after], [warmup]) if warmup else after
 
 
-def make_optimizer(optim_cfg, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """``(tx, schedule)``: ``tx = chain(clip_by_global_norm?, adamw)``; its state's last entry is the
-    AdamW state (what ``optimizer_parts`` returns as ``inner``)."""
-    clip_norm, inner, schedule = optimizer_parts(optim_cfg, total_steps)
-    parts = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
-    return optax.chain(*parts, inner), schedule
+def chain_parts(clip_norm: float, inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``chain(clip_by_global_norm(clip_norm), inner)``, without the clip when ``clip_norm`` is 0."""
+    return optax.chain(*([optax.clip_by_global_norm(clip_norm)] if clip_norm else []), inner)
 
 
 def optimizer_parts(optim_cfg, total_steps: int) -> tuple[float, optax.GradientTransformation, optax.Schedule]:
     """``(clip_norm, inner, schedule)``: the global-norm clip (0 = none) and the AdamW transformation after
-    it, apart, for updates applied one slice at a time (sgt_jax/train/offload.py clips each slice by the
-    global norm itself)."""
+    it. The train step's optimizer is ``chain_parts(clip_norm, inner)``; the parts stay apart for updates
+    applied one slice at a time (sgt_jax/train/offload.py clips each slice by the global norm itself)."""
     schedule = learning_rate_schedule(optim_cfg, total_steps)
     clip_norm = float(optim_cfg.clip_norm) if optim_cfg.clip_norm and float(optim_cfg.clip_norm) > 0 else 0.0
     mu_dtype = str(optim_cfg.mu_dtype)

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sgt_jax import parallel
 from sgt_jax.checkpoint import store
 from sgt_jax.train.freeze import frozen_groups, make_filters
-from sgt_jax.train.optim import make_optimizer
+from sgt_jax.train.optim import chain_parts, optimizer_parts
 
 SCALARS = ("step", "rng", "nonfinite", "skipped")
 
@@ -67,7 +67,12 @@ class StateSpec:
     ema_dtype: Any
     use_ema: bool
     stacked: tuple  # per leaf of "params" (jax.tree.leaves order): stacked over the layers (first axis "layers")
-    opt_offload: bool  # Adam's moments live in pinned_host memory (sgt_jax/train/offload.py updates them)
+    # Host-memory offload (sgt_jax/train/offload.py updates these parts layer by layer): the EMA, Adam's
+    # moments; the optimizer apart (tx = chain_parts(clip_norm, inner_tx)) for the layer-by-layer update.
+    ema_offload: bool
+    opt_offload: bool
+    clip_norm: float
+    inner_tx: optax.GradientTransformation
 
 
 def _offload_kind(config, mesh: Mesh, key: str) -> str | None:
@@ -98,15 +103,17 @@ def _moments_to(shardings, memory_kind: str | None):
     params' Variable metadata) in ``memory_kind``; the step counts stay on the device."""
     if memory_kind is None:
         return shardings
-    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    return jax.tree.map(lambda x: x.replace(x.get_value().with_memory_kind(memory_kind)) if is_var(x) else x,
-                        shardings, is_leaf=is_var)
+    return jax.tree.map(lambda x: x.replace(x.get_value().with_memory_kind(memory_kind)) if _is_var(x) else x,
+                        shardings, is_leaf=_is_var)
 
 
 def _stacked(train) -> tuple:
-    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
     return tuple((parallel.variable_logical_names(v) or (None,))[:1] == ("layers",)
-                 for v in jax.tree.leaves(train, is_leaf=is_var))
+                 for v in jax.tree.leaves(train, is_leaf=_is_var))
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
 
 
 def _split(module, filters):
@@ -119,7 +126,8 @@ def make_state_spec(config, mesh: Mesh, model_fn: Callable | None = None) -> Sta
     model_fn = model_fn or default_model_fn(config)
     rules = parallel.logical_rules(config)
     filters = make_filters(config)
-    tx, schedule = make_optimizer(config.optim, int(config.train.steps))
+    clip_norm, inner_tx, schedule = optimizer_parts(config.optim, int(config.train.steps))
+    tx = chain_parts(clip_norm, inner_tx)
     with nnx.use_eager_sharding(False):
         abstract_module = nnx.eval_shape(lambda: model_fn(nnx.Rngs(0)))
     graphdef, train, frozen, rest = _split(abstract_module, filters)
@@ -143,11 +151,13 @@ def make_state_spec(config, mesh: Mesh, model_fn: Callable | None = None) -> Sta
         "nonfinite": jax.ShapeDtypeStruct((), jnp.int32), "skipped": jax.ShapeDtypeStruct((), jnp.int32),
     }
     if use_ema:
-        shardings["ema"] = parallel.state_shardings(train, mesh, rules, memory_kind=_offload_kind(config, mesh, "ema_offload"))
+        shardings["ema"] = parallel.state_shardings(train, mesh, rules,
+                                                    memory_kind=_offload_kind(config, mesh, "ema_offload"))
         shapes["ema"] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, ema_dtype), train)
     abstract = {k: parallel.abstract_with_shardings(shapes[k], shardings[k]) for k in shapes}
     return StateSpec(graphdef, rest, abstract, shardings, tx, schedule, model_fn, filters, ema_dtype, use_ema,
-                     _stacked(train), bool(config.train.opt_offload))
+                     _stacked(train), use_ema and bool(config.train.ema_offload), bool(config.train.opt_offload),
+                     clip_norm, inner_tx)
 
 
 def _assemble(spec: StateSpec, train, frozen, seed: int) -> dict:

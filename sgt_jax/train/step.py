@@ -35,7 +35,7 @@ from sgt_jax import parallel
 from sgt_jax.models.layers import activation_sharding, sharded_kernels
 from sgt_jax.train.family import loss_hooks
 from sgt_jax.train import offload
-from sgt_jax.train.optim import ema_update, optimizer_parts
+from sgt_jax.train.optim import ema_update
 from sgt_jax.train.state import StateSpec, make_state_spec
 
 METRIC_KEYS = ("loss", "ce", "mse", "n_ce", "n_mse", "grad_norm", "lr", "applied", "nonfinite", "skipped")
@@ -53,10 +53,8 @@ def make_step_fn(config, spec: StateSpec, mesh: Mesh | None = None) -> Callable:
     rules = parallel.logical_rules(config) if mesh is not None else None
     hooks = loss_hooks(config)  # the family's noise draws, loss normalisers and loss (sgt_jax/train/family.py)
     decay = float(config.train.ema_decay)
-    ema_offloaded = spec.use_ema and any(_kind(s) == "pinned_host" for s in jax.tree.leaves(spec.shardings["ema"]))
     if spec.opt_offload:
-        clip_norm, inner_tx, _ = optimizer_parts(config.optim, int(config.train.steps))
-        inner_shardings = spec.shardings["opt"][-1]  # the AdamW state (optim.make_optimizer)
+        inner_shardings = spec.shardings["opt"][-1]  # the AdamW state (optim.chain_parts puts it last)
         mu_shardings = optax.tree_utils.tree_get(inner_shardings, "mu")
         nu_shardings = optax.tree_utils.tree_get(inner_shardings, "nu")
 
@@ -108,7 +106,7 @@ def make_step_fn(config, spec: StateSpec, mesh: Mesh | None = None) -> Callable:
 
         if spec.opt_offload:  # leaf by leaf, layer by layer, the moments moved from and back to host memory
             params, inner = offload.adam_update_layerwise(
-                inner_tx, grads, state["opt"][-1], state["params"], clip_norm=clip_norm, grad_norm=grad_norm,
+                spec.inner_tx, grads, state["opt"][-1], state["params"], clip_norm=spec.clip_norm, grad_norm=grad_norm,
                 finite=finite, mu_shardings=mu_shardings, nu_shardings=nu_shardings, stacked=spec.stacked)
             opt = tuple(state["opt"][:-1]) + (inner,)
         else:
@@ -119,7 +117,7 @@ def make_step_fn(config, spec: StateSpec, mesh: Mesh | None = None) -> Callable:
 
             params, opt = jax.lax.cond(finite, apply, lambda operands: operands, (state["params"], state["opt"]))
         ema = state.get("ema")
-        if ema is not None and ema_offloaded:
+        if ema is not None and spec.ema_offload:
             ema = offload.ema_update_layerwise(ema, params, spec.shardings["ema"], spec.stacked, decay, finite)
         elif ema is not None:
             ema = jax.lax.cond(finite, lambda e: ema_update(e, params, decay), lambda e: e, ema)
@@ -136,10 +134,6 @@ def make_step_fn(config, spec: StateSpec, mesh: Mesh | None = None) -> Callable:
         return new, metrics
 
     return step
-
-
-def _kind(sharding) -> str:
-    return getattr(sharding, "memory_kind", None) or "device"
 
 
 def microbatches(config) -> int:

@@ -12,13 +12,15 @@
 
 from __future__ import annotations
 
+import abc
+
 import numpy as np
 
 from sgt_jax.data.proxy_tasks import task_of
 from sgt_jax.data.sources.common import check_mask_policy, decode_canonical
 
 
-class Source:
+class Source(abc.ABC):
     """Base class: subclasses implement ``_num_items``, ``_get(j)`` (and ``canonical`` if their raw records
     are not canonical already). ``max_samples`` > 0 keeps a seeded random subset (not the first N lines,
     song2yu/SGT `BAGEL/data/sam_190k.py`, `BAGEL/data/dataset_info.py`), in ascending index order."""
@@ -44,11 +46,13 @@ class Source:
             rng = np.random.default_rng([self.seed, 0x5B5E7])
             self._subset = np.sort(rng.choice(n, size=self.max_samples, replace=False))
 
+    @abc.abstractmethod
     def _num_items(self) -> int:
-        raise NotImplementedError
+        """How many records the source holds (before ``max_samples``)."""
 
+    @abc.abstractmethod
     def _get(self, j: int):
-        raise NotImplementedError
+        """Record ``j`` (of ``_num_items()``), raw."""
 
     def __len__(self) -> int:
         return len(self._subset) if self._subset is not None else self._num_items()
